@@ -1,0 +1,4 @@
+"""Datasets in, volumes, models, label volumes, SEG/SR/SC datasets out.
+
+Imports neither ``pacs_node`` nor ``storage``.
+"""

@@ -1,0 +1,3 @@
+from pacs_node.cli import main
+
+raise SystemExit(main())

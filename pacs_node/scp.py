@@ -1,0 +1,380 @@
+"""The DICOM SCP: C-ECHO and C-STORE for every storage SOP class.
+
+The C-STORE handler is a thin adapter: pynetdicom has already written the
+received bytes in chunks to a temporary file on the store's filesystem
+(``STORE_RECV_CHUNKED_DATASET``), the handler hands that file to the
+:class:`~pacs_node.ingest.Ingestor` (header read, UIDs validated, fsync,
+rename into the journal) and returns a status. pynetdicom sends the response
+only after the handler returns, so Success means the instance is on disk.
+
+Reaches into pynetdicom 3.0 internals (pinned in setup.cfg) in two places:
+
+* the temporary files of chunked receive are created in the store's
+  ``.incoming`` folder rather than the system temp dir, so that acknowledging
+  is a rename, not a copy;
+* the DUL provider refuses a PDU longer than the maximum we negotiated
+  (pynetdicom would buffer any length a peer announces) by aborting the
+  association.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from tempfile import NamedTemporaryFile
+from typing import Any, cast
+
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import association as _association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_node.config import DicomSettings
+from pacs_node.errors import IngestError
+from pacs_node.ingest import Ingestor
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: Transfer syntaxes accepted for storage, preferred first.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+#: PDUs other than P-DATA carry no pixel data; an A-ASSOCIATE-RQ with a few
+#: hundred presentation contexts is well under this.
+MAX_CONTROL_PDU = 1 << 20
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class pynetdicom knows (CT, MR, enhanced, SEG, SR, SC, ...)."""
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+
+
+class LimitedDUL(DULServiceProvider):
+    """A DUL provider that aborts on a PDU longer than we agreed to receive."""
+
+    def _max_pdu(self, pdu_type: int) -> int:
+        if pdu_type != 0x04:  # not P-DATA-TF
+            return MAX_CONTROL_PDU
+        assoc = self.assoc
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        limit = int(local.maximum_length or 0)
+        # 0 means 'unlimited' to pynetdicom; we never agree to that.
+        return limit + 6 if limit else MAX_CONTROL_PDU * 16
+
+    def _read_pdu_data(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return super()._read_pdu_data()
+        try:
+            head = sock.recv(6)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(head) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", head)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            logger.error("unknown PDU type 0x%02X from %s; aborting", pdu_type, _peer(self))
+            self.event_queue.put("Evt19")
+            return
+        limit = self._max_pdu(pdu_type)
+        if length > limit:
+            logger.error(
+                "PDU of %d bytes from %s exceeds the negotiated maximum of %d; aborting the association",
+                length,
+                _peer(self),
+                limit,
+            )
+            self.event_queue.put("Evt19")  # invalid PDU -> A-ABORT (AA-8)
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            self.event_queue.put("Evt17")
+            return
+        data = bytearray(head)
+        data += body
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception:
+            logger.exception("undecodable PDU from %s", _peer(self))
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+
+def _peer(dul: DULServiceProvider) -> str:
+    try:
+        return f"{dul.assoc.requestor.address}:{dul.assoc.requestor.port}"
+    except Exception:
+        return "peer"
+
+
+_patch_lock = threading.Lock()
+_patched_dir: str | None = None
+
+
+def _install_pynetdicom_hooks(incoming_dir: str) -> None:
+    """Point chunked receive at the store and install the PDU limit (once per process)."""
+    global _patched_dir
+    with _patch_lock:
+        if _patched_dir is not None and _patched_dir != incoming_dir:
+            raise RuntimeError(
+                f"one process serves one store: chunked receive already goes to {_patched_dir}, not {incoming_dir}"
+            )
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+            NamedTemporaryFile, dir=incoming_dir
+        )
+        _association.DULServiceProvider = LimitedDUL  # type: ignore[misc]
+        _patched_dir = incoming_dir
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port several processes may share."""
+
+    def server_bind(self) -> None:
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class StorageSCP:
+    """The node's DIMSE acceptor.
+
+    Args:
+        settings: the ``dicom`` section of the settings.
+        ingestor: the receive path the C-STORE handler calls.
+        reuse_port: allow other processes to bind the same port.
+    """
+
+    def __init__(self, settings: DicomSettings, ingestor: Ingestor, *, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.reuse_port = reuse_port
+        self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts]
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.stored = 0
+        self.refused = 0
+        _install_pynetdicom_hooks(str(ingestor.store.incoming_dir))
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.require_called_aet = s.require_called_ae
+        if s.allowed_calling_aes:
+            ae.require_calling_aet = list(s.allowed_calling_aes)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("SCP not started")
+        return int(self._server.server_address[1])
+
+    def handlers(self) -> list[Any]:
+        """The pynetdicom event handlers this SCP binds."""
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+    def start(self) -> None:
+        """Bind and serve in background threads."""
+        s = self.settings
+        if not s.allowed_calling_aes:
+            logger.warning(
+                "dicom.allowed_calling_aes is empty: any calling AE may store to %s on port %d", s.ae_title, s.port
+            )
+        server = self.ae.make_server(
+            (s.host, s.port),
+            evt_handlers=self.handlers(),
+            server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
+        )
+        self._server = cast(ThreadedAssociationServer, server)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True)
+        self._thread.start()
+        logger.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.host, self.port)
+
+    def stop(self) -> None:
+        """Stop accepting and close running associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.ae.shutdown()
+
+    # -- handlers (thin) -----------------------------------------------------------
+    def _allowed_address(self, address: str) -> bool:
+        if not self._networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        address = assoc.requestor.address
+        if not self._allowed_address(address):
+            logger.warning(
+                "rejecting association from %s (calling AE %s): address not in dicom.allowed_hosts",
+                address,
+                assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else "?",
+            )
+            # Rejected (permanent), service-user, no reason given.
+            assoc.acse.send_reject(0x01, 0x01, 0x01)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        logger.warning(
+            "association rejected: calling AE %r called AE %r from %s:%s",
+            rq.ae_title,
+            rq.primitive.called_ae_title if rq.primitive else None,
+            rq.address,
+            rq.port,
+        )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        logger.info("association accepted: %s from %s:%s", rq.ae_title, rq.address, rq.port)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        logger.warning("association with %s from %s aborted", rq.ae_title, rq.address)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        path = event.dataset_path
+        try:
+            self.ingestor.receive_file(
+                path,
+                calling_ae=assoc.requestor.ae_title,
+                called_ae=assoc.acceptor.ae_title,
+                address=assoc.requestor.address,
+            )
+        except IngestError as exc:
+            self.refused += 1
+            logger.warning(
+                "refused instance %s from %s with status 0x%04X: %s",
+                event.request.AffectedSOPInstanceUID,
+                assoc.requestor.ae_title,
+                exc.status,
+                exc,
+            )
+            return exc.status
+        self.stored += 1
+        return 0x0000
+
+
+def echo(host: str, port: int, *, calling_ae: str = "PACSNODE", called_ae: str = "ANY-SCP", timeout: float = 10) -> int:
+    """C-ECHO a peer; returns the status (0 is success).
+
+    Raises:
+        ConnectionError: no association could be established.
+    """
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status else -1
+    finally:
+        assoc.release()
+
+
+def send_files(
+    host: str,
+    port: int,
+    paths: Sequence[str],
+    *,
+    calling_ae: str = "PACSNODE",
+    called_ae: str = "ANY-SCP",
+    timeout: float = 30,
+) -> dict[str, int]:
+    """C-STORE files to a peer over one association; returns SOP Instance UID -> status.
+
+    Presentation contexts are proposed for the SOP class and transfer syntax
+    of each file as it is (no transcoding).
+
+    Raises:
+        ConnectionError: no association could be established.
+    """
+    from pydicom import dcmread
+
+    pairs: dict[tuple[str, str], None] = {}
+    headers = []
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        pairs[key] = None
+        headers.append((p, str(ds.SOPInstanceUID)))
+    if len(pairs) > 128:
+        raise ValueError("more than 128 SOP class / transfer syntax pairs; send in smaller groups")
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class, ts in pairs:
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
+    results: dict[str, int] = {}
+    try:
+        for path, sop in headers:
+            status = assoc.send_c_store(path)
+            results[sop] = int(status.Status) if status else -1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results

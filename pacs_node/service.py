@@ -1,0 +1,153 @@
+"""Assembles the stages of ``pacs-node serve``.
+
+Stages share only the database and the file store: the SCP and its indexer
+(receive), the router, and retention. ``dicom.processes > 1`` runs extra SCP
+processes that share the port (SO_REUSEPORT), each with its own indexer, so
+that several associations are not serialised on one interpreter lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+from types import FrameType
+
+from pacs_node.config import Settings
+from pacs_node.indexer import Indexer
+from pacs_node.ingest import Ingestor
+from pacs_node.retention import Retention
+from pacs_node.router import Router
+from pacs_node.scp import StorageSCP
+from storage.db import Database
+from storage.filestore import FileStore
+
+logger = logging.getLogger(__name__)
+
+
+def open_store(settings: Settings) -> FileStore:
+    """The file store as configured."""
+    return FileStore(
+        settings.store_dir,
+        fsync=settings.storage.fsync,
+        min_free_bytes=settings.storage.min_free_mb * 2**20,
+    )
+
+
+class Receiver:
+    """SCP + indexer: the receive path of one process."""
+
+    def __init__(self, settings: Settings, db: Database, store: FileStore, *, reuse_port: bool = False) -> None:
+        self.indexer = Indexer(db, store)
+        self.ingestor = Ingestor(store, self.indexer.submit)
+        self.scp = StorageSCP(settings.dicom, self.ingestor, reuse_port=reuse_port)
+
+    def start(self) -> None:
+        """Start indexing, then listening."""
+        self.indexer.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        """Stop listening, then index what was acknowledged."""
+        self.scp.stop()
+        self.indexer.stop()
+
+
+class Node:
+    """Everything ``pacs-node serve`` runs, in one object.
+
+    Args:
+        settings: the loaded settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(settings)
+        self.db = Database(settings.db_url)
+        self.receiver = Receiver(settings, self.db, self.store, reuse_port=settings.dicom.processes > 1)
+        self.router = Router(settings, self.db)
+        self.retention = Retention(settings.retention, self.db, self.store)
+        self._children: list[mp.process.BaseProcess] = []
+
+    @property
+    def indexer(self) -> Indexer:
+        """The main process's indexer."""
+        return self.receiver.indexer
+
+    @property
+    def scp(self) -> StorageSCP:
+        """The main process's SCP."""
+        return self.receiver.scp
+
+    def start(self) -> None:
+        """Migrate, recover, then start every stage."""
+        self.db.upgrade()
+        stale = self.store.clean_incoming()
+        if stale:
+            logger.info("removed %d temporary files of transfers interrupted before the last stop", stale)
+        recovered = self.indexer.recover()
+        if recovered:
+            logger.info("recovery: indexed %d acknowledged instances", recovered)
+        self.receiver.start()
+        ctx = mp.get_context("spawn")
+        for i in range(self.settings.dicom.processes - 1):
+            proc = ctx.Process(target=_receiver_process, args=(self.settings,), name=f"scp-{i + 1}", daemon=True)
+            proc.start()
+            self._children.append(proc)
+        self.router.start()
+        self.retention.start()
+        logger.info(
+            "pacs-node serving: AE %s on %s:%d, data in %s, database %s",
+            self.settings.dicom.ae_title,
+            self.settings.dicom.host,
+            self.scp.port,
+            self.settings.data_dir,
+            self.db.engine.url.render_as_string(hide_password=True),
+        )
+
+    def stop(self) -> None:
+        """Stop every stage; acknowledged instances are indexed before return."""
+        for proc in self._children:
+            proc.terminate()
+        for proc in self._children:
+            proc.join(30)
+        self._children.clear()
+        self.receiver.stop()
+        self.router.stop()
+        self.retention.stop()
+        self.db.dispose()
+
+
+def _receiver_process(settings: Settings) -> None:  # pragma: no cover - runs in a child
+    from pacs_node.cli import configure_logging
+
+    configure_logging(settings.log_level)
+    db = Database(settings.db_url)
+    receiver = Receiver(settings, db, open_store(settings), reuse_port=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    receiver.start()
+    done.wait()
+    receiver.stop()
+    db.dispose()
+
+
+def serve(settings: Settings) -> int:
+    """Run the node until SIGINT or SIGTERM; returns the exit code."""
+    node = Node(settings)
+    done = threading.Event()
+
+    def _signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    node.start()
+    try:
+        done.wait()
+    finally:
+        node.stop()
+    return 0

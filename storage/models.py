@@ -1,0 +1,185 @@
+"""SQLAlchemy 2.0 typed models: studies, series, instances and jobs.
+
+Every stage moves rows through explicit states so that it can be re-run after a
+crash. Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime that always comes back timezone-aware UTC (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class SeriesState(str, enum.Enum):
+    """Life of a series on the node."""
+
+    RECEIVING = "RECEIVING"  # instances arriving
+    COMPLETE = "COMPLETE"  # quiet long enough, or header hints say all arrived
+    ROUTED = "ROUTED"  # rules evaluated; jobs created where a rule matched
+    IGNORED = "IGNORED"  # loop guard or no rule matched (see route_note)
+
+
+class JobState(str, enum.Enum):
+    """Life of a job."""
+
+    WAITING = "WAITING"  # assembling its input series (multi-series pipelines)
+    PENDING = "PENDING"  # ready to run
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """No further transitions happen on their own."""
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+TERMINAL_JOB_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+def _enum(cls: type[enum.Enum]) -> Any:
+    from sqlalchemy import Enum
+
+    return Enum(cls, native_enum=False, length=16, validate_strings=True, values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the node's tables."""
+
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Study(Base):
+    """A study, keyed by its Study Instance UID."""
+
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str | None] = mapped_column(String(256))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(16))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(256))
+    specific_character_set: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+class Series(Base):
+    """A series and its routing state."""
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    protocol_name: Mapped[str | None] = mapped_column(String(256))
+    header: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    frames_received: Mapped[int] = mapped_column(Integer, default=0)
+    expected_frames: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    source_address: Mapped[str | None] = mapped_column(String(64))
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+    routed_at: Mapped[datetime | None]
+    reopen_count: Mapped[int] = mapped_column(Integer, default=0)
+    route_note: Mapped[str | None] = mapped_column(Text)
+    purged_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+
+class Instance(Base):
+    """One received SOP instance and where its file lies in the store."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    path: Mapped[str] = mapped_column(String(256))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    receive_count: Mapped[int] = mapped_column(Integer, default=1)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """A pipeline run over one series or several series of a study."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_state_rank", "state", "priority_rank", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(128))
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.WAITING)
+    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    priority_rank: Mapped[int] = mapped_column(Integer, default=1)
+    inputs: Mapped[dict[str, Any]] = mapped_column(default=dict)  # role -> SeriesInstanceUID
+    destinations: Mapped[list[Any]] = mapped_column(default=list)
+    trigger_series_uid: Mapped[str | None] = mapped_column(String(64))
+    input_key: Mapped[str | None] = mapped_column(String(512), unique=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    deadline_at: Mapped[datetime | None]
+    required_complete_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
