@@ -43,9 +43,7 @@ MAX_VALUES = 256
 """Elements with more values than this are left out of the header."""
 
 _SKIP_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "OW or OB"})
-_TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
-)
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 _INT_VRS = frozenset({"IS", "US", "SS", "UL", "SL", "UV", "SV", "US or SS", "US or SS or OW"})
 _FLOAT_VRS = frozenset({"DS", "FL", "FD"})
 
@@ -142,7 +140,7 @@ def _elements(ds: pydicom.Dataset) -> Iterable[tuple[Any, DataElement | None, Ex
     for tag in list(ds.keys()):
         try:
             yield tag, ds[tag], None
-        except Exception as exc:  # noqa: BLE001 - a malformed raw element must not stop the header
+        except Exception as exc:  # broad on purpose: a malformed raw element must not stop the header
             yield tag, None, exc
 
 
@@ -180,7 +178,7 @@ def header_from_dataset(ds: pydicom.Dataset) -> dict[str, Any]:
         except _SkipElementError as exc:
             logger.debug("header: %s %s left out: %s", keyword, tag, exc)
             continue
-        except Exception as exc:  # noqa: BLE001 - never raise for a malformed value
+        except Exception as exc:  # broad on purpose: never raise for a malformed value
             logger.debug("header: %s %s left out: cannot convert (%s)", keyword, tag, exc)
             continue
         if value is not None:

@@ -68,6 +68,15 @@ NON_IMAGE_MODALITIES: frozenset[str] = frozenset(
     {"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG", "RTPLAN", "RTRECORD", "FID"}
 )
 
+NON_IMAGE_SOP_CLASS_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("1.2.840.10008.5.1.4.1.1.88.", "structured report / key object selection"),
+    ("1.2.840.10008.5.1.4.1.1.66", "segmentation / registration / fiducials"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.481.", "radiotherapy object"),
+)
+"""SOP class UID prefixes of non-image objects, guarded even when Modality is absent or odd."""
+
 LOCALIZER_WORDS: frozenset[str] = frozenset(
     {
         "localizer",
@@ -219,9 +228,16 @@ def _is_identifying(keyword: str) -> bool:
     return entry is not None and entry[0] == "PN"
 
 
+def _quote(text: str) -> str:
+    """Quote text as the administrator wrote it (no backslash doubling, unlike repr)."""
+    return "'" + text + "'"
+
+
 def _fmt_scalar(value: Any) -> str:
-    if isinstance(value, str) and len(value) > _MAX_SHOWN:
-        value = value[: _MAX_SHOWN - 3] + "..."
+    if isinstance(value, str):
+        if len(value) > _MAX_SHOWN:
+            value = value[: _MAX_SHOWN - 3] + "..."
+        return _quote(value)
     return repr(value)
 
 
@@ -288,7 +304,7 @@ class _Regex(_Condition):
         self.pattern = pattern
 
     def describe(self) -> str:
-        return repr(self.text)
+        return _quote(self.text)
 
     def _hit(self, value: Any) -> bool:
         return any(self.pattern.fullmatch(t) for t in _regex_texts(value))
@@ -513,9 +529,7 @@ def _check_keyword(key: str, loc: str) -> str | None:
     return None
 
 
-def _compile_condition(
-    key: str, raw: Any, loc: str, errors: list[str], *, in_list: bool = False
-) -> _Condition | None:
+def _compile_condition(key: str, raw: Any, loc: str, errors: list[str], *, in_list: bool = False) -> _Condition | None:
     if isinstance(raw, bool):
         return _Presence(raw)
     if isinstance(raw, int | float):
@@ -535,9 +549,7 @@ def _compile_condition(
             )
             return None
         if raw == "":
-            errors.append(
-                f"{loc}: an empty pattern never matches a present value (use false to require absence)"
-            )
+            errors.append(f"{loc}: an empty pattern never matches a present value (use false to require absence)")
             return None
         try:
             pattern = re.compile(raw, re.IGNORECASE)
@@ -550,13 +562,9 @@ def _compile_condition(
             errors.append(f"{loc}: lists of conditions cannot be nested")
             return None
         if not raw:
-            errors.append(
-                f"{loc}: an empty list of conditions never matches; remove {key} or give conditions"
-            )
+            errors.append(f"{loc}: an empty list of conditions never matches; remove {key} or give conditions")
             return None
-        options = [
-            _compile_condition(key, item, f"{loc}[{i}]", errors, in_list=True) for i, item in enumerate(raw)
-        ]
+        options = [_compile_condition(key, item, f"{loc}[{i}]", errors, in_list=True) for i, item in enumerate(raw)]
         if any(o is None for o in options):
             return None
         return _AnyOf([o for o in options if o is not None])
@@ -575,9 +583,7 @@ def _compile_condition(
 
 def _compile_mapping(matcher: Any, loc: str, errors: list[str], *, nested: bool) -> _Node | None:
     if not isinstance(matcher, Mapping):
-        errors.append(
-            f"{loc}: expected a mapping of DICOM keywords to conditions, not {type(matcher).__name__}"
-        )
+        errors.append(f"{loc}: expected a mapping of DICOM keywords to conditions, not {type(matcher).__name__}")
         return None
     if nested and not matcher:
         errors.append(f"{loc}: an empty matcher here matches everything; give at least one condition")
@@ -593,14 +599,11 @@ def _compile_mapping(matcher: Any, loc: str, errors: list[str], *, nested: bool)
         if key in ("all", "any"):
             if not isinstance(raw, list | tuple) or not raw:
                 errors.append(
-                    f"{key_loc}: expected a non-empty list of matchers, "
-                    f"e.g. {key}: [{{Modality: MR}}, {{...}}]"
+                    f"{key_loc}: expected a non-empty list of matchers, e.g. {key}: [{{Modality: MR}}, {{...}}]"
                 )
                 ok = False
                 continue
-            subs = [
-                _compile_mapping(item, f"{key_loc}[{i}]", errors, nested=True) for i, item in enumerate(raw)
-            ]
+            subs = [_compile_mapping(item, f"{key_loc}[{i}]", errors, nested=True) for i, item in enumerate(raw)]
             if any(s is None for s in subs):
                 ok = False
                 continue
@@ -698,9 +701,7 @@ class CompiledRules:
         try:
             return self._inputs[pipeline_name]
         except KeyError:
-            raise RuleError(
-                f"unknown pipeline {pipeline_name!r} (known: {sorted(self._inputs) or 'none'})"
-            ) from None
+            raise RuleError(f"unknown pipeline {pipeline_name!r} (known: {sorted(self._inputs) or 'none'})") from None
 
     def evaluate_roles(self, pipeline_name: str, header: Mapping[str, Any]) -> dict[str, MatchResult]:
         """Evaluate every input role of a pipeline on a header, in config order.
@@ -780,9 +781,12 @@ class CompiledRules:
         roles = [role for role, result in role_results.items() if result.matched]
         if route.matcher is not None:
             failures.extend(route.matcher.evaluate(header).failures)
-        if not roles:
+        if not roles and failures:
+            # The route's own conditions already fail: one line is enough here.
+            failures.append(f"it also fills no input of pipeline {pipeline!r} ({', '.join(role_results)})")
+        elif not roles:
             nearest_role, nearest = min(role_results.items(), key=lambda item: len(item[1].failures))
-            failures.extend(f"input {nearest_role!r} of pipeline {pipeline!r}: {f}" for f in nearest.failures)
+            failures.extend(f"pipeline input {nearest_role!r}: {f}" for f in nearest.failures)
         for label, pattern, actual in (
             ("calling AE", route.calling_ae, calling_ae),
             ("called AE", route.called_ae, called_ae),
@@ -790,9 +794,9 @@ class CompiledRules:
             if pattern is None:
                 continue
             if actual is None:
-                notes.append(f"{label} not checked (unknown here); the route requires {pattern.pattern!r}")
+                notes.append(f"{label} not checked (unknown here); the route requires {_quote(pattern.pattern)}")
             elif not pattern.fullmatch(actual.strip()):
-                failures.append(f"{label} {actual.strip()!r} does not fully match {pattern.pattern!r}")
+                failures.append(f"{label} {_quote(actual.strip())} does not fully match {_quote(pattern.pattern)}")
         return failures, notes, roles
 
 
@@ -886,23 +890,26 @@ def loop_guard(header: Mapping[str, Any]) -> str | None:
         for text in _texts(header.get(keyword)):
             if NODE_MANUFACTURER in text.lower():
                 return (
-                    f"produced by {NODE_MANUFACTURER} ({keyword} {text!r}); the node never routes its own "
-                    f"results back into a pipeline"
+                    f"produced by {NODE_MANUFACTURER} ({keyword} {_quote(text)}); "
+                    f"the node never routes its own results back into a pipeline"
                 )
     modality = next(iter(_texts(header.get("Modality"))), "").strip().upper()
     if modality in NON_IMAGE_MODALITIES:
         return f"non-image object (Modality {modality}); only image series are routed"
     sop_class = next(iter(_texts(header.get("SOPClassUID"))), "").strip()
+    for prefix, kind in NON_IMAGE_SOP_CLASS_PREFIXES:
+        if sop_class.startswith(prefix):
+            return f"non-image object ({kind}, SOPClassUID {sop_class}); only image series are routed"
     if sop_class in SECONDARY_CAPTURE_SOP_CLASSES:
         return f"Secondary Capture (SOPClassUID {sop_class}); screenshots and key images are not routed"
     if modality == "OT":
-        return "Modality OT (other: usually a screenshot or document); not routed"
+        return "Modality OT (other: usually a screenshot or a scanned document)"
     if any(t.strip().upper() == "LOCALIZER" for t in _texts(header.get("ImageType"))):
-        return "localizer/scout (ImageType contains LOCALIZER); not routed"
+        return "localizer/scout (ImageType contains LOCALIZER)"
     for keyword in ("SeriesDescription", "ProtocolName"):
         for text in _texts(header.get(keyword)):
             if is_localizer_name(text):
-                return f"localizer/scout ({keyword} {text!r}); not routed"
+                return f"localizer/scout ({keyword} {_quote(text)})"
     return None
 
 
@@ -946,14 +953,15 @@ def _role_text(pipeline: PipelineSettings, roles: Sequence[str]) -> str:
     return text
 
 
-def _series_block(
-    number: int, total: int, group: _SeriesGroup, rules: CompiledRules
-) -> tuple[list[str], str]:
+def _series_block(number: int, total: int, group: _SeriesGroup, rules: CompiledRules) -> tuple[list[str], str]:
     header = group.header
     modality = header.get("Modality", "?")
+    manufacturer = header.get("Manufacturer")
+    if manufacturer:
+        modality = f"{modality} ({manufacturer})"
     series_no = header.get("SeriesNumber", "?")
     description = header.get("SeriesDescription")
-    shown = repr(description) if description is not None else "(no description)"
+    shown = _quote(str(description)) if description is not None else "(no description)"
     files = f"{group.files} file" + ("" if group.files == 1 else "s")
     lines = [f"Series {number}/{total}: {modality}, series {series_no} {shown}, {files}"]
     lines.append(f"  SeriesInstanceUID {group.uid}")
@@ -977,9 +985,7 @@ def _series_block(
             lines.append("  NOT ROUTED: no route matches this series")
     near = decision.misses[:3]
     if near:
-        lines.append(
-            "  Nearest misses:" if decision.matches else "  Nearest misses (what would have to change):"
-        )
+        lines.append("  Nearest misses:" if decision.matches else "  Nearest misses (what would have to change):")
         for miss in near:
             lines.append(f"    route {miss.route.name!r} (pipeline {miss.route.pipeline!r}):")
             lines.extend(f"      - {f}" for f in miss.failures)
@@ -1028,8 +1034,7 @@ def rules_report(settings: Settings, paths: Sequence[Path]) -> tuple[str, int]:
         group.files += 1
     lines = ["pacs-node rules test"]
     lines.append(
-        f"{len(files)} file(s) examined, {len(groups)} series found, "
-        f"{len(settings.routes)} route(s) configured"
+        f"{len(files)} file(s) examined, {len(groups)} series found, {len(settings.routes)} route(s) configured"
     )
     lines.append("AE title conditions are not checked here (the sender is unknown).")
     for note in notes + skipped[:20]:

@@ -19,7 +19,6 @@ Reaches into pynetdicom 3.0 internals (pinned in setup.cfg) in two places:
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import socket
@@ -74,7 +73,12 @@ def storage_sop_classes() -> list[str]:
 
 
 class LimitedDUL(DULServiceProvider):
-    """A DUL provider that aborts on a PDU longer than we agreed to receive."""
+    """A DUL provider that aborts on a PDU longer than we agreed to receive,
+    and writes chunked receives to the store of the AE it serves."""
+
+    def run_reactor(self) -> None:
+        _incoming.folder = getattr(self.assoc.ae, "pacs_node_incoming_dir", None)
+        super().run_reactor()
 
     def _max_pdu(self, pdu_type: int) -> int:
         if pdu_type != 0x04:  # not P-DATA-TF
@@ -140,30 +144,36 @@ def _peer(dul: DULServiceProvider) -> str:
 
 
 _patch_lock = threading.Lock()
-_patched_dir: str | None = None
+_patched = False
+# The DUL thread of each association records where its AE wants chunked
+# receives written; pynetdicom creates the temporary file from that thread.
+_incoming = threading.local()
 
 
-def _install_pynetdicom_hooks(incoming_dir: str) -> None:
-    """Point chunked receive at the store and install the PDU limit (once per process)."""
-    global _patched_dir
+def _incoming_temp_file(*args: Any, **kwargs: Any) -> Any:
+    folder = getattr(_incoming, "folder", None)
+    if folder is not None:
+        kwargs.setdefault("dir", folder)
+    return NamedTemporaryFile(*args, **kwargs)
+
+
+def _install_pynetdicom_hooks() -> None:
+    """Chunked receive into each AE's store, and the PDU limit (idempotent)."""
+    global _patched
     with _patch_lock:
-        if _patched_dir is not None and _patched_dir != incoming_dir:
-            raise RuntimeError(
-                f"one process serves one store: chunked receive already goes to {_patched_dir}, not {incoming_dir}"
-            )
+        if _patched:
+            return
         _config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
-            NamedTemporaryFile, dir=incoming_dir
-        )
+        dimse_messages.NamedTemporaryFile = _incoming_temp_file  # type: ignore[assignment]
         _association.DULServiceProvider = LimitedDUL  # type: ignore[misc]
-        _patched_dir = incoming_dir
+        _patched = True
 
 
 class ReusePortServer(ThreadedAssociationServer):
     """An association server whose port several processes may share."""
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
+        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -186,8 +196,9 @@ class StorageSCP:
         self._thread: threading.Thread | None = None
         self.stored = 0
         self.refused = 0
-        _install_pynetdicom_hooks(str(ingestor.store.incoming_dir))
+        _install_pynetdicom_hooks()
         self.ae = self._build_ae()
+        self.ae.pacs_node_incoming_dir = str(ingestor.store.incoming_dir)  # type: ignore[attr-defined]
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -226,27 +237,25 @@ class StorageSCP:
     def start(self) -> None:
         """Bind and serve in background threads."""
         s = self.settings
-        if not s.allowed_calling_aes:
-            logger.warning(
-                "dicom.allowed_calling_aes is empty: any calling AE may store to %s on port %d", s.ae_title, s.port
-            )
         server = self.ae.make_server(
             (s.host, s.port),
             evt_handlers=self.handlers(),
             server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
         )
         self._server = cast(ThreadedAssociationServer, server)
+        self.ae._servers.append(self._server)  # so that ae.shutdown() stops it
         self._thread = threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         logger.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.host, self.port)
+        if not s.allowed_calling_aes:
+            logger.warning(
+                "dicom.allowed_calling_aes is empty: any calling AE may store to %s on port %d", s.ae_title, self.port
+            )
 
     def stop(self) -> None:
         """Stop accepting and close running associations."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.ae.shutdown()
+        self.ae.shutdown()  # stops the server and aborts running associations
+        self._server = None
 
     # -- handlers (thin) -----------------------------------------------------------
     def _allowed_address(self, address: str) -> bool:
@@ -305,7 +314,7 @@ class StorageSCP:
             self.refused += 1
             logger.warning(
                 "refused instance %s from %s with status 0x%04X: %s",
-                event.request.AffectedSOPInstanceUID,
+                getattr(event.request, "AffectedSOPInstanceUID", "?"),
                 assoc.requestor.ae_title,
                 exc.status,
                 exc,
