@@ -56,7 +56,9 @@ def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
     from pacs_node.scp import echo
 
     status = echo(args.host, args.port, calling_ae=args.aet or settings.dicom.ae_title, called_ae=args.aec)
-    print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X} ({'success' if status == 0 else 'failure'})")
+    print(
+        f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X} ({'success' if status == 0 else 'failure'})"
+    )
     return 0 if status == 0 else 1
 
 
@@ -77,7 +79,9 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     if not files:
         print("no DICOM files to send", file=sys.stderr)
         return 2
-    results = send_files(args.host, args.port, files, calling_ae=args.aet or settings.dicom.ae_title, called_ae=args.aec)
+    results = send_files(
+        args.host, args.port, files, calling_ae=args.aet or settings.dicom.ae_title, called_ae=args.aec
+    )
     failed = {uid: st for uid, st in results.items() if st not in (0x0000, 0xB000, 0xB007, 0xB006)}
     print(f"sent {len(results)} instances to {args.aec}@{args.host}:{args.port}: {len(results) - len(failed)} stored")
     for uid, st in failed.items():
@@ -124,7 +128,9 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
             for j in jobs:
                 states[j.state.value] = states.get(j.state.value, 0) + 1
             job_txt = ",".join(f"{k.lower()}:{v}" for k, v in sorted(states.items())) or "-"
-            print(f"{st.id:>5}  {st.study_date or '-':10}  {len(st.series):>6}  {n_inst:>9}  {job_txt:14}  {st.study_uid}")
+            print(
+                f"{st.id:>5}  {st.study_date or '-':10}  {len(st.series):>6}  {n_inst:>9}  {job_txt:14}  {st.study_uid}"
+            )
             if args.series:
                 for s in st.series:
                     print(

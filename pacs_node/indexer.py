@@ -234,9 +234,7 @@ class Indexer:
             if series.last_received_at is None or rec.received_at > series.last_received_at:
                 series.last_received_at = rec.received_at
             if series.state is not SeriesState.RECEIVING:
-                logger.info(
-                    "series %s reopened by a late instance (was %s)", rec.series_uid, series.state.value
-                )
+                logger.info("series %s reopened by a late instance (was %s)", rec.series_uid, series.state.value)
                 series.state = SeriesState.RECEIVING
                 series.reopen_count += 1
                 series.completed_at = None

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pacs_node.config import RetentionSettings
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import TERMINAL_JOB_STATES, Instance, Job, Series, SeriesState, Study, utcnow
+from storage.models import TERMINAL_JOB_STATES, Instance, Job, SeriesState, Study, utcnow
 
 logger = logging.getLogger(__name__)
 

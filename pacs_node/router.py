@@ -128,19 +128,18 @@ class Router:
 
     def _route_one(self, session: Session, series: Series, now: datetime) -> None:
         series.routed_at = now
-        guard = self.rules.evaluate(series.header or {}).guard
-        if guard:
-            series.state = SeriesState.IGNORED
-            series.route_note = f"never routed: {guard}"
-            logger.info("series %s not routed: %s", series.series_uid, guard)
-            return
-        if series.reopen_count and self.settings.routing.late_instances is LateInstancePolicy.IGNORE:
-            # Only the first completion routes; late instances are stored, not re-run.
-            if _has_jobs_for(session, series):
-                series.state = SeriesState.ROUTED
-                series.route_note = "late instances stored; not re-run (routing.late_instances: ignore)"
-                return
         decision = self.rules.evaluate(series.header or {}, calling_ae=series.calling_ae, called_ae=series.called_ae)
+        if decision.guard:
+            series.state = SeriesState.IGNORED
+            series.route_note = f"never routed: {decision.guard}"
+            logger.info("series %s not routed: %s", series.series_uid, decision.guard)
+            return
+        late_ignored = series.reopen_count and self.settings.routing.late_instances is LateInstancePolicy.IGNORE
+        if late_ignored and _has_jobs_for(session, series):
+            # Only the first completion routes; late instances are stored, not re-run.
+            series.state = SeriesState.ROUTED
+            series.route_note = "late instances stored; not re-run (routing.late_instances: ignore)"
+            return
         if not decision.matches:
             series.state = SeriesState.IGNORED
             nearest = decision.misses[0] if decision.misses else None
@@ -247,9 +246,7 @@ class Router:
             job.finished_at = now
             job.reason = f"pipeline {job.pipeline!r} is no longer configured"
             return True
-        series_rows = session.scalars(
-            select(Series).where(Series.study_id == job.study_id).order_by(Series.id)
-        ).all()
+        series_rows = session.scalars(select(Series).where(Series.study_id == job.study_id).order_by(Series.id)).all()
         ready: dict[str, Series] = {}
         arriving: set[str] = set()
         for series in series_rows:
@@ -320,4 +317,6 @@ def _newer(a: Series, b: Series) -> bool:
 
 def _has_jobs_for(session: Session, series: Series) -> bool:
     jobs: Any = session.scalars(select(Job).where(Job.study_id == series.study_id)).all()
-    return any(series.series_uid in (job.inputs or {}).values() or job.trigger_series_uid == series.series_uid for job in jobs)
+    return any(
+        series.series_uid in (job.inputs or {}).values() or job.trigger_series_uid == series.series_uid for job in jobs
+    )

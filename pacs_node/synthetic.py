@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1453."  # pacs-node test data (pydicom's organisation root + suffix)
 

@@ -78,7 +78,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except Exception as exc:
-        raise StorageError(f"database migration failed on {engine.url.render_as_string(hide_password=True)}: {exc}") from exc
+        raise StorageError(
+            f"database migration failed on {engine.url.render_as_string(hide_password=True)}: {exc}"
+        ) from exc
 
 
 class Database:

@@ -72,7 +72,9 @@ TERMINAL_JOB_STATES = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 def _enum(cls: type[enum.Enum]) -> Any:
     from sqlalchemy import Enum
 
-    return Enum(cls, native_enum=False, length=16, validate_strings=True, values_callable=lambda e: [m.value for m in e])
+    return Enum(
+        cls, native_enum=False, length=16, validate_strings=True, values_callable=lambda e: [m.value for m in e]
+    )
 
 
 class Base(DeclarativeBase):

@@ -32,7 +32,11 @@ PIPELINES: dict[str, Any] = {
         "study_timeout_s": 300,
         "inputs": {
             "dwi": {
-                "match": {"Modality": "MR", "SeriesDescription": ".*(dwi|trace).*", "not": {"SeriesDescription": ".*adc.*"}}
+                "match": {
+                    "Modality": "MR",
+                    "SeriesDescription": ".*(dwi|trace).*",
+                    "not": {"SeriesDescription": ".*adc.*"},
+                }
             },
             "adc": {"match": {"Modality": "MR", "SeriesDescription": ".*adc.*"}},
             "flair": {"required": False, "match": {"Modality": "MR", "SeriesDescription": ".*flair.*"}},
@@ -106,7 +110,9 @@ def mr(n: int, desc: str, study: str, **kw: Any) -> list[Dataset]:
     return list(make_series(n, modality="MR", rows=8, cols=8, study_uid=study, SeriesDescription=desc, **kw))
 
 
-def test_quiet_period_completes_and_single_input_route_makes_one_job_per_series(harness: Callable[..., Harness]) -> None:
+def test_quiet_period_completes_and_single_input_route_makes_one_job_per_series(
+    harness: Callable[..., Harness],
+) -> None:
     h = harness()
     study = new_uid()
     h.send(make_series(3, rows=8, cols=8, study_uid=study, SeriesDescription="Abdomen 3.0 B30f PV", SliceThickness=3))
@@ -179,7 +185,16 @@ def test_missing_required_input_fails_with_actionable_reason(harness: Callable[.
 def test_loop_guard_never_routes_localizers_or_our_own_output(harness: Callable[..., Harness]) -> None:
     h = harness()
     study = new_uid()
-    h.send(make_series(2, rows=8, cols=8, study_uid=study, SeriesDescription="PV loc", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]))
+    h.send(
+        make_series(
+            2,
+            rows=8,
+            cols=8,
+            study_uid=study,
+            SeriesDescription="PV loc",
+            ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        )
+    )
     h.send(make_series(2, rows=8, cols=8, study_uid=study, SeriesDescription="PV result", Manufacturer="pacs-node"))
     h.tick(2)
     notes = {d: s.route_note or "" for d, s in h.series().items()}
