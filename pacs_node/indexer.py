@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacs_node.errors import IngestError
@@ -162,6 +163,11 @@ class Indexer:
             try:
                 self.index_batch(batch)
                 return
+            except IntegrityError:
+                # Another receive process inserted the same study or series
+                # first; the next attempt finds its row.
+                logger.debug("concurrent insert of the same study/series; retrying the batch")
+                continue
             except Exception:
                 logger.exception(
                     "indexing a batch of %d instances failed (attempt %d); files stay in the journal",
