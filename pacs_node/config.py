@@ -129,6 +129,14 @@ class RoutingSettings(_Frozen):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class WorkerSettings(_Frozen):
+    """The inference worker processes that ``pacs-node serve`` supervises."""
+
+    processes: int = Field(1, ge=0, le=64, description="worker processes; 0 runs no inference in serve")
+    poll_interval_s: float = Field(0.5, gt=0)
+    max_attempts: int = Field(2, ge=1, description="runs of a job whose worker died before it is failed")
+
+
 class RetentionSettings(_Frozen):
     """Purging of received inputs and produced results; ``null`` keeps forever."""
 
@@ -192,6 +200,8 @@ class PipelineSettings(_Frozen):
     reference: str | None = Field(None, description="role whose grid the results live on (default: first required)")
     optional_grace_s: float = Field(10.0, ge=0)
     study_timeout_s: float = Field(300.0, gt=0, description="how long to wait for required inputs")
+    time_limit_s: float = Field(900.0, gt=0, description="a job running longer is stopped and failed")
+    device: Literal["auto", "cpu"] = Field("auto", description="auto uses a GPU when present")
 
     @model_validator(mode="after")
     def _roles(self) -> PipelineSettings:
@@ -249,6 +259,7 @@ class Settings(_Frozen):
     storage: StorageSettings = Field(default_factory=StorageSettings)  # type: ignore[arg-type]
     routing: RoutingSettings = Field(default_factory=RoutingSettings)  # type: ignore[arg-type]
     retention: RetentionSettings = Field(default_factory=RetentionSettings)  # type: ignore[arg-type]
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)  # type: ignore[arg-type]
     destinations: dict[str, Destination] = Field(default_factory=dict)
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
@@ -278,6 +289,11 @@ class Settings(_Frozen):
     def store_dir(self) -> Path:
         """Root of the file store."""
         return self.data_dir / "store"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where jobs write their label volumes and result objects."""
+        return self.data_dir / "results"
 
     @property
     def db_url(self) -> str:

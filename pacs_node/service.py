@@ -1,7 +1,7 @@
 """Assembles the stages of ``pacs-node serve``.
 
 Stages share only the database and the file store: the SCP and its indexer
-(receive), the router, and retention. ``dicom.processes > 1`` runs extra SCP
+(receive), the router, the inference workers (child processes), and retention. ``dicom.processes > 1`` runs extra SCP
 processes that share the port (SO_REUSEPORT), each with its own indexer, so
 that several associations are not serialised on one interpreter lock.
 """
@@ -20,6 +20,7 @@ from pacs_node.ingest import Ingestor
 from pacs_node.retention import Retention
 from pacs_node.router import Router
 from pacs_node.scp import StorageSCP
+from pacs_node.worker import WorkerSupervisor
 from storage.db import Database
 from storage.filestore import FileStore
 
@@ -69,6 +70,7 @@ class Node:
         self.receiver = Receiver(settings, self.db, self.store, reuse_port=settings.dicom.processes > 1)
         self.router = Router(settings, self.db)
         self.retention = Retention(settings.retention, self.db, self.store)
+        self.workers = WorkerSupervisor(settings, self.db)
         self._children: list[mp.process.BaseProcess] = []
 
     @property
@@ -97,6 +99,7 @@ class Node:
             proc.start()
             self._children.append(proc)
         self.router.start()
+        self.workers.start()
         self.retention.start()
         logger.info(
             "pacs-node serving: AE %s on %s:%d, data in %s, database %s",
@@ -109,6 +112,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop every stage; acknowledged instances are indexed before return."""
+        self.workers.stop()
         for proc in self._children:
             proc.terminate()
         for proc in self._children:

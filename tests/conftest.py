@@ -62,6 +62,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "storage": {"min_free_mb": 0},
             "routing": {"series_quiet_s": 1.0, "poll_interval_s": 0.1},
             "retention": {"inputs_days": None},
+            "worker": {"processes": 0, "poll_interval_s": 0.1},
         }
         merged = _deep_merge(base, data or {})
         merged = _deep_merge(merged, kw)

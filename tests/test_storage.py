@@ -36,7 +36,7 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     tables = set(inspect(db.engine).get_table_names())
     assert {"study", "series", "instance", "job", "alembic_version"} <= tables
     with db.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
     db.dispose()
 
 
@@ -188,3 +188,18 @@ def test_watermark_refuses(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "s", min_free_bytes=1 << 60)
     with pytest.raises(StorageFull, match="min_free_mb"):
         store.check_space()
+
+
+def test_models_match_migrations(db_url: str) -> None:
+    """A model change without its Alembic migration fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from storage.models import Base
+
+    db = Database(db_url)
+    db.upgrade()
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    db.dispose()
+    assert diff == [], diff
