@@ -51,16 +51,27 @@ Who receives (each listens on 127.0.0.1 only, on a free port)
 Method
     Every run of a (receiver, case) pair gets a fresh server and a fresh, empty
     directory (for the node a fresh ``data_dir`` and database), so runs are
-    independent. Before the timed send each fresh server receives the 10-instance
+    independent. A server counts as started once it listens (the node: with all
+    of its SCP processes) and its processes have gone quiet (under 5% of a core
+    for half a second: the node's worker processes are done importing).
+    Before the timed send each fresh server receives the 10-instance
     warm-up series the same way (1 or 4 associations) and stores it fully; then
     ``sync`` flushes dirty pages so that no receiver pays for another's
     write-back (the page cache cannot be dropped without root). The order of the
     receivers rotates from one (case, repeat) to the next so that none always
     goes first or last. With ``--repeat N`` each figure is the median of its N
-    runs. Only one benchmark should run on the machine at a time.
+    runs. Only one benchmark should run on the machine at a time; on a small
+    shared machine the figures move by 20-30% from run to run, so compare with
+    ``--repeat 3`` or more.
+
+    Where /proc exists the CPU time (user + system) that the server's process
+    group spent during the timed send is reported per instance (``node_cpu_ms``,
+    ``bare_cpu_ms``): steadier than throughput when the machine is noisy.
 
 Output
-    A table of instances/s per receiver and case, then one JSON line per case::
+    One line per run, a table of instances/s per receiver and case (the node's
+    two figures, both bare modes, the floor, dcmtk and the ratios), then one
+    JSON line per case::
 
         {"benchmark": "ingest", "case": "1-assoc", "node_ips": ..., "bare_ips": ...,
          "dcmtk_ips": ..., "ratio": node/bare, "ratio_dcmtk": node/dcmtk, ...}
@@ -94,6 +105,7 @@ POLL_S = 0.01
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 DCMTK_ENV = {"TCP_NODELAY": "1"}
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class BenchmarkError(RuntimeError):
@@ -209,6 +221,40 @@ def wait_until(
         time.sleep(POLL_S)
 
 
+def group_cpu_s(pgid: int) -> float | None:
+    """CPU seconds (user + system) used so far by the live processes of a process group; None without /proc."""
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def wait_quiet(pgid: int, timeout: float, what: str) -> None:
+    """Wait until a process group uses under 5% of a core over half a second (start-up finished)."""
+    deadline = time.perf_counter() + timeout
+    last = group_cpu_s(pgid)
+    while last is not None:
+        time.sleep(0.5)
+        now = group_cpu_s(pgid)
+        if now is None or now - last < 0.025:
+            return
+        if time.perf_counter() > deadline:
+            raise BenchmarkError(f"{what} still busy after {timeout:.0f} s")
+        last = now
+
+
 def count_files(folder: Path) -> int:
     try:
         return sum(1 for e in os.scandir(folder) if e.is_file())
@@ -289,6 +335,13 @@ class Receiver:
                 return listeners(port) >= listening
 
         wait_until(up, START_TIMEOUT_S, f"{self.name} to listen on 127.0.0.1:{port}", self.check_alive)
+        # Child processes (the node's workers, extra SCPs) may still be importing.
+        wait_quiet(self.proc.pid, START_TIMEOUT_S, f"{self.name} start-up")
+        self.check_alive()
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds used so far by the server's processes (None when unknown)."""
+        return group_cpu_s(self.proc.pid) if self.proc is not None else None
 
 
 class NodeReceiver(Receiver):
@@ -517,6 +570,7 @@ def send(
 class Sample:
     sent_ips: float
     indexed_ips: float | None = None
+    cpu_ms: float | None = None  # server CPU per instance over the timed send
 
 
 @dataclass
@@ -526,9 +580,10 @@ class Results:
     def add(self, case: str, receiver: str, sample: Sample) -> None:
         self.samples.setdefault((case, receiver), []).append(sample)
 
-    def median(self, case: str, receiver: str, indexed: bool = False) -> float:
-        values = [s.indexed_ips if indexed else s.sent_ips for s in self.samples[(case, receiver)]]
-        return float(statistics.median(v for v in values if v is not None))
+    def median(self, case: str, receiver: str, what: str = "sent_ips") -> float | None:
+        values = [getattr(s, what) for s in self.samples[(case, receiver)]]
+        known = [v for v in values if v is not None]
+        return float(statistics.median(known)) if known else None
 
 
 def run_one(
@@ -548,17 +603,20 @@ def run_one(
         wait_until(lambda: rx.received() >= len(warmup), timeout, f"{rx.name} to store the warm-up", rx.check_alive)
         os.sync()
         expected = len(warmup) + len(files)
+        cpu0 = rx.cpu_s()
         t0 = time.perf_counter()
         sent = send(files, groups, rx.port, rx.ae_title, run_dir, "timed", timeout)
         t_done = wait_until(
             lambda: rx.received() >= expected, timeout, f"{rx.name} to hold {expected} instances", rx.check_alive
         )
+        cpu1 = rx.cpu_s()
         got = rx.received()
         if got != expected:
             raise BenchmarkError(f"{rx.name} holds {got} instances, expected {expected}")
         rx.check_alive()
         indexed = len(files) / (t_done - t0) if isinstance(rx, NodeReceiver) else None
-        return Sample(len(files) / sent, indexed)
+        cpu_ms = 1000 * (cpu1 - cpu0) / len(files) if cpu0 is not None and cpu1 is not None else None
+        return Sample(len(files) / sent, indexed, cpu_ms)
     except BenchmarkError as exc:
         log = f"\n--- {rx.name} log ---\n{tail(rx.log)}" if rx.log else ""
         raise BenchmarkError(f"{rx.name} {case}: {exc}{log}") from None
@@ -627,6 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sample = run_one(rx, case, files, warmup, run_dir, args.timeout)
                     results.add(case, rx.name, sample)
                     extra = f", indexed {sample.indexed_ips:7.1f}/s" if sample.indexed_ips is not None else ""
+                    if sample.cpu_ms is not None:
+                        extra += f", server CPU {sample.cpu_ms:5.2f} ms/instance"
                     print(
                         f"  run {rep + 1} {case:8s} {rx.name:13s} {sample.sent_ips:7.1f} instances/s{extra}", flush=True
                     )
@@ -671,16 +731,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     print(table_row(header))
+
+    def ips(case: str, receiver: str, what: str = "sent_ips") -> float:
+        value = results.median(case, receiver, what)
+        if value is None:
+            raise BenchmarkError(f"no {what} for {receiver} {case}")
+        return value
+
+    def cpu(case: str, receiver: str) -> float | None:
+        value = results.median(case, receiver, "cpu_ms")
+        return None if value is None else round(value, 2)
+
     lines = []
+    cpu_notes = []
     for case in CASES:
-        node = results.median(case, "node")
-        node_idx = results.median(case, "node", indexed=True)
-        bare = {m: results.median(case, f"bare-{m}") for m in BARE_MODES}
+        node = ips(case, "node")
+        node_idx = ips(case, "node", "indexed_ips")
+        bare = {m: ips(case, f"bare-{m}") for m in BARE_MODES}
         floor_mode = max(bare, key=lambda m: bare[m])
-        dcmtk = results.median(case, "dcmtk")
+        dcmtk = ips(case, "dcmtk")
         row = [case, f"{node:.1f}", f"{node_idx:.1f}", f"{bare['default']:.1f}", f"{bare['chunked']:.1f}"]
         row += [f"{bare[floor_mode]:.1f}", f"{dcmtk:.1f}", f"{node / bare[floor_mode]:.3f}", f"{node / dcmtk:.3f}"]
         print(table_row(row))
+        cpus = {name: cpu(case, name) for name in ("node", *(f"bare-{m}" for m in BARE_MODES))}
+        if all(v is not None for v in cpus.values()):
+            cpu_notes.append(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpus.items()))
         lines.append(
             {
                 "benchmark": "ingest",
@@ -694,6 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bare_mode": floor_mode,
                 "bare_default_ips": round(bare["default"], 1),
                 "bare_chunked_ips": round(bare["chunked"], 1),
+                "node_cpu_ms": cpus["node"],
+                "bare_cpu_ms": cpus[f"bare-{floor_mode}"],
                 "node_processes": node_procs[case],
                 "associations": CASES[case],
                 "instances": args.count,
@@ -702,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "stat": "median",
             }
         )
+    if cpu_notes:
+        print("  server CPU ms per instance (user+system, all its processes, timed send): " + "; ".join(cpu_notes))
     print()
     for line in lines:
         print(json.dumps(line))

@@ -142,6 +142,91 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from storage.db import Database
+    from storage.models import Job, JobState
+
+    db = Database(settings.db_url)
+    db.upgrade()
+    with db.session() as session:
+        q = select(Job).order_by(Job.id.desc()).limit(args.limit)
+        if args.state:
+            q = q.where(Job.state == JobState(args.state.upper()))
+        jobs = session.scalars(q).all()
+        if not jobs:
+            print("no jobs")
+            return 0
+        print(
+            f"{'id':>5}  {'state':9}  {'prio':6}  {'pipeline':12}  {'created (UTC)':19}  {'secs':>6}  reason / result"
+        )
+        for j in jobs:
+            secs = (j.timings or {}).get("total")
+            note = j.reason or (
+                ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in (j.metrics or {}).get("labels", {}).values())
+                if j.metrics
+                else ""
+            )
+            print(
+                f"{j.id:>5}  {j.state.value:9}  {j.priority:6}  {j.pipeline[:12]:12}  "
+                f"{j.created_at:%Y-%m-%d %H:%M:%S}  {secs if secs is not None else '-':>6}  {note[:90]}"
+            )
+    db.dispose()
+    return 0
+
+
+def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from storage.db import Database
+    from storage.models import Job
+
+    db = Database(settings.db_url)
+    db.upgrade()
+    with db.session() as session:
+        job = session.get(Job, args.id)
+        if job is None:
+            print(f"no job {args.id}", file=sys.stderr)
+            return 1
+        fields = {
+            "id": job.id,
+            "state": job.state.value,
+            "pipeline": job.pipeline,
+            "route": job.route,
+            "priority": job.priority,
+            "study": job.study.study_uid,
+            "inputs": job.inputs,
+            "destinations": job.destinations,
+            "reason": job.reason,
+            "created_at": job.created_at.isoformat(),
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "attempts": job.attempts,
+            "worker": job.worker_id,
+            "model": {"name": job.model_name, "version": job.model_version, "sha256": job.model_checksums},
+            "timings_s": job.timings,
+            "metrics": job.metrics,
+            "result": job.result_path,
+        }
+        print(json.dumps(fields, indent=2, ensure_ascii=False))
+    db.dispose()
+    return 0
+
+
+def cmd_jobs_rerun(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.jobs import rerun
+    from storage.db import Database
+
+    db = Database(settings.db_url)
+    db.upgrade()
+    lines = rerun(db, study_uid=args.study, series_uid=args.series)
+    for line in lines:
+        print(line)
+    db.dispose()
+    return 0 if lines else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     config_help = "YAML settings file (default: embedded defaults, or PACS_NODE_CONFIG)"
@@ -189,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=50)
     q.add_argument("--series", action="store_true", help="show each series with its routing state")
     q.set_defaults(func=cmd_studies_list)
+
+    p = sub.add_parser("jobs", parents=[common], help="segmentation jobs")
+    jsub = p.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    q = jsub.add_parser("list", parents=[common], help="list recent jobs")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--state", choices=["waiting", "pending", "running", "done", "failed", "cancelled"])
+    q.set_defaults(func=cmd_jobs_list)
+    q = jsub.add_parser("show", parents=[common], help="one job in full (JSON)")
+    q.add_argument("id", type=int)
+    q.set_defaults(func=cmd_jobs_show)
+    q = jsub.add_parser("rerun", parents=[common], help="re-process a study or a series")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--study", metavar="UID")
+    g.add_argument("--series", metavar="UID")
+    q.set_defaults(func=cmd_jobs_rerun)
     return parser
 
 

@@ -89,9 +89,12 @@ class Indexer:
         store: the file store whose journal the records point into.
         batch_max: most records per transaction.
         linger_s: how long to wait for more records before committing a batch.
+            Acknowledgement never waits for the index and series completion
+            waits far longer, so fewer, larger transactions cost nothing
+            visible and leave the interpreter to the associations.
     """
 
-    def __init__(self, db: Database, store: FileStore, *, batch_max: int = 256, linger_s: float = 0.02) -> None:
+    def __init__(self, db: Database, store: FileStore, *, batch_max: int = 512, linger_s: float = 0.25) -> None:
         self.db = db
         self.store = store
         self.batch_max = batch_max
@@ -179,8 +182,12 @@ class Indexer:
         logger.error("giving up on a batch of %d instances for now; they are indexed at the next start", len(batch))
 
     # -- the work ---------------------------------------------------------------
-    def index_batch(self, batch: Sequence[Received]) -> None:
-        """Record ``batch`` in one transaction, then move the files into place."""
+    def index_batch(self, batch: Sequence[Received], *, sync: bool = False) -> None:
+        """Record ``batch`` in one transaction, then move the files into place.
+
+        ``sync`` fsyncs the touched folders afterwards (recovery does; the hot
+        path need not, see :meth:`FileStore.promote`).
+        """
         if not batch:
             return
         # Within a batch the last copy of a SOP instance wins (journal order).
@@ -198,7 +205,8 @@ class Indexer:
             dirs.add(final.parent)
         for rec in superseded:
             rec.acked_path.unlink(missing_ok=True)
-        self.store.sync_dirs(dirs)
+        if sync:
+            self.store.sync_dirs(dirs)
         self.indexed_total += len(latest)
         logger.debug("indexed %d instances", len(latest))
 
@@ -291,7 +299,7 @@ class Indexer:
                 )
             )
         for chunk in _chunks(recs, self.batch_max):
-            self.index_batch(chunk)
+            self.index_batch(chunk, sync=True)
         return len(recs)
 
 
@@ -303,13 +311,16 @@ def _chunks(items: Sequence[Received], n: int) -> Iterable[Sequence[Received]]:
 def _get_or_create_studies(session: Session, recs: list[Received]) -> dict[str, Study]:
     uids = {r.study_uid for r in recs}
     found = {s.study_uid: s for s in session.scalars(select(Study).where(Study.study_uid.in_(uids)))}
+    filled: set[str] = set()
     for rec in recs:
         study = found.get(rec.study_uid)
         if study is None:
             study = Study(study_uid=rec.study_uid)
             session.add(study)
             found[rec.study_uid] = study
-        _fill_study(study, rec.header)
+        if rec.study_uid not in filled:
+            _fill_study(study, rec.header)
+            filled.add(rec.study_uid)
     session.flush()
     return found
 

@@ -59,10 +59,7 @@ def claim_next(db: Database, worker_id: str) -> int | None:
     for _ in range(5):
         with db.session() as session:
             job_id = session.scalar(
-                select(Job.id)
-                .where(Job.state == JobState.PENDING)
-                .order_by(Job.priority_rank, Job.id)
-                .limit(1)
+                select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.priority_rank, Job.id).limit(1)
             )
             if job_id is None:
                 return None
@@ -146,7 +143,9 @@ def execute_job(
         with db.session() as session:
             row = session.get(Job, job_id)
             if row is None or row.state is not JobState.RUNNING or row.worker_id != job.worker_id:
-                logger.warning("job %d was taken away while running (state %s); result discarded", job_id, row and row.state)
+                logger.warning(
+                    "job %d was taken away while running (state %s); result discarded", job_id, row and row.state
+                )
                 return row.state if row else JobState.CANCELLED
             row.state = JobState.DONE
             row.finished_at = utcnow()
@@ -155,9 +154,11 @@ def execute_job(
             row.model_name = result.model["name"]
             row.model_version = result.model["version"]
             row.model_checksums = result.model["checksums"]
-            row.result_path = str(label_path.relative_to(settings.data_dir)) if label_path.is_relative_to(
-                settings.data_dir
-            ) else str(label_path)
+            row.result_path = (
+                str(label_path.relative_to(settings.data_dir))
+                if label_path.is_relative_to(settings.data_dir)
+                else str(label_path)
+            )
             row.reason = None
         logger.info(
             "job %d DONE: pipeline %s in %.1f s (%s)",
@@ -207,7 +208,9 @@ class RunnerCache:
         return runner
 
 
-def worker_loop(settings: Settings, worker_id: str, stop: threading.Event, *, runner_for: RunnerFactory | None = None) -> None:
+def worker_loop(
+    settings: Settings, worker_id: str, stop: threading.Event, *, runner_for: RunnerFactory | None = None
+) -> None:
     """Claim and execute jobs until ``stop`` is set."""
     from pacs_node.service import open_store
 

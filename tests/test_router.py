@@ -62,7 +62,7 @@ class Harness:
         self.db = Database(settings.db_url)
         self.db.upgrade()
         self.store = open_store(settings)
-        self.indexer = Indexer(self.db, self.store)
+        self.indexer = Indexer(self.db, self.store, linger_s=0.01)
         self.ingestor = Ingestor(self.store, self.indexer.submit)
         self.router = Router(settings, self.db)
         self.indexer.start()
