@@ -37,7 +37,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 if [ "$dev" = 1 ]; then
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,nnunet]"
 else
   .venv/bin/python -m pip install -q -c constraints.txt -e .
 fi

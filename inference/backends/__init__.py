@@ -23,7 +23,9 @@ class StagePredictor(ABC):
     checksums: dict[str, str]
 
     @abstractmethod
-    def predict_proba(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray) -> np.ndarray:
+    def predict_proba(
+        self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+    ) -> np.ndarray:
         """Class probabilities for ``image``.
 
         Args:

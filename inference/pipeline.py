@@ -1,0 +1,257 @@
+"""Run a model package on DICOM series: datasets in, label volume and metrics out.
+
+:class:`ModelRunner` loads a package once (every stage's network on the chosen
+device) and then runs case after case:
+
+1. build inputs: each channel's series becomes a :class:`~inference.volume.Volume`
+   (DWI: the b-value the manifest asks for), secondary channels are resampled
+   onto the reference series' grid in patient space and stacked in manifest order;
+2. predict: the stages (one, or a cascade of localise-then-segment), on the GPU
+   when allowed and present, falling back to the CPU when the GPU runs out of memory;
+3. post-process (small components, largest components, left/right from patient
+   coordinates);
+4. measure: volume per label from voxel counts on the source grid, mean input
+   values inside labels where the manifest asks, lesion counts.
+
+The label volume stays on the reference series' own grid and slice order, with
+its slice -> SOP Instance UID map, so that SEG frames reference the right images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset
+
+from inference.backends import StagePredictor
+from inference.cascade import run_cascade
+from inference.errors import InferenceError, ModelPackageError
+from inference.manifest import ModelPackage, NativeBackend, NnUNetBackend, StageSpec
+from inference.postprocess import apply_postprocess, component_volumes_ml, mean_inside
+from inference.volume import Volume, resample_to, select_b_value, volume_from_datasets
+
+logger = logging.getLogger(__name__)
+
+
+class MissingInputError(InferenceError):
+    """A channel the model requires has no series."""
+
+
+@dataclass
+class SegmentationResult:
+    """What one run produced."""
+
+    labels: Volume
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    model: dict[str, Any]
+    channels: dict[str, Volume] = field(default_factory=dict, repr=False)
+
+    def save_labels(self, path: str | Path) -> Path:
+        """Write the label volume (uint8, source geometry) as NIfTI or NRRD by suffix."""
+        import SimpleITK as sitk
+
+        path = Path(path)
+        img = self.labels.with_array(self.labels.array.astype(np.uint8)).to_sitk()
+        sitk.WriteImage(img, str(path), useCompression=True)
+        return path
+
+
+def build_stage(spec: StageSpec, folder: Path, device: torch.device) -> StagePredictor:
+    """Load one stage's network on ``device``.
+
+    Raises:
+        ModelPackageError: the backend is unavailable or its files are invalid.
+    """
+    model = spec.model
+    if isinstance(model, NnUNetBackend):
+        try:
+            from inference.backends.nnunet import NnUNetStage
+        except ImportError as exc:  # nnunetv2 is an optional extra
+            raise ModelPackageError(
+                f"stage {spec.name} uses an nnU-Net v2 folder but nnunetv2 is not installed: "
+                "pip install -c constraints.txt 'pacs-node[nnunet]'"
+            ) from exc
+        return NnUNetStage(model, folder, device=device)
+    if isinstance(model, NativeBackend):
+        from inference.backends.native import NativeStage
+
+        return NativeStage(model, folder, device=device)
+    raise ModelPackageError(f"stage {spec.name}: unknown backend {model!r}")
+
+
+def _choose_device(allow_gpu: bool) -> torch.device:
+    if allow_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ModelRunner:
+    """A loaded model package.
+
+    Args:
+        package: the package folder (or an already validated :class:`ModelPackage`).
+        allow_gpu: use CUDA when present (and the manifest allows it).
+
+    Raises:
+        ModelPackageError: invalid manifest, missing files, or unloadable weights.
+    """
+
+    def __init__(self, package: str | Path | ModelPackage, *, allow_gpu: bool = True) -> None:
+        t0 = time.perf_counter()
+        self.package = package if isinstance(package, ModelPackage) else ModelPackage(package)
+        self.manifest = self.package.manifest
+        self.device = _choose_device(allow_gpu and self.manifest.gpu)
+        self.stages = self._load(self.device)
+        self._cpu_stages: list[tuple[StageSpec, StagePredictor]] | None = (
+            self.stages if self.device.type == "cpu" else None
+        )
+        self.checksums: dict[str, str] = {}
+        for spec, stage in self.stages:
+            for name, digest in stage.checksums.items():
+                self.checksums[f"{spec.name}/{name}"] = digest
+        self.load_s = time.perf_counter() - t0
+        logger.info(
+            "model %s %s loaded on %s in %.1f s%s",
+            self.manifest.name,
+            self.manifest.version,
+            self.device,
+            self.load_s,
+            " (DEMO model: not for clinical use)" if self.manifest.demo else "",
+        )
+
+    def _load(self, device: torch.device) -> list[tuple[StageSpec, StagePredictor]]:
+        return [(spec, build_stage(spec, self.package.folder, device)) for spec in self.manifest.stages]
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Name, version, demo flag and checksums, for the job record and outputs."""
+        m = self.manifest
+        return {
+            "name": m.name,
+            "version": m.version,
+            "demo": m.demo,
+            "intended_use": m.intended_use,
+            "checksums": dict(self.checksums),
+            "device": str(self.device),
+        }
+
+    # -- inputs -------------------------------------------------------------------
+    def build_inputs(self, inputs: Mapping[str, Sequence[Dataset]]) -> tuple[Volume, np.ndarray, dict[str, Volume]]:
+        """Volumes per role on the reference grid, and the stacked (C, z, y, x) image.
+
+        Raises:
+            MissingInputError: a required channel has no series.
+            GeometryError, PixelDataError, NoMatchingBValueError: a series cannot be used.
+        """
+        m = self.manifest
+        by_role = {c.role: c for c in m.inputs}
+        missing = [c.role for c in m.inputs if not c.optional and not inputs.get(c.role)]
+        if missing:
+            raise MissingInputError(
+                f"model {m.name} needs input {', '.join(missing)} but the job has "
+                f"{', '.join(sorted(r for r in inputs if inputs[r])) or 'no inputs'}; "
+                "check the pipeline's input roles against the model's (model.yaml inputs)"
+            )
+
+        def load(role: str) -> Volume:
+            datasets: Sequence[Any] = inputs[role]
+            spec = by_role[role]
+            if spec.b_value is not None:
+                datasets = select_b_value(datasets, target=spec.b_value)
+            return volume_from_datasets(datasets)
+
+        reference = load(m.reference)
+        volumes: dict[str, Volume] = {m.reference: reference}
+        channels: list[np.ndarray] = []
+        for chan in m.inputs:
+            if chan.role == m.reference:
+                channels.append(reference.array.astype(np.float32, copy=False))
+                continue
+            if not inputs.get(chan.role):
+                logger.info("optional input %s absent: channel filled with zeros", chan.role)
+                channels.append(np.zeros(reference.shape, dtype=np.float32))
+                continue
+            vol = resample_to(load(chan.role), reference, interpolation="linear")
+            volumes[chan.role] = vol
+            channels.append(vol.array.astype(np.float32, copy=False))
+        return reference, np.stack(channels), volumes
+
+    # -- prediction ------------------------------------------------------------------
+    def _predict(self, image: np.ndarray, ref: Volume) -> tuple[np.ndarray, dict[str, float]]:
+        spacing_zyx = (ref.spacing[2], ref.spacing[1], ref.spacing[0])
+        try:
+            return run_cascade(image, spacing_zyx, ref.direction, self.stages)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            logger.warning(
+                "GPU out of memory running model %s; falling back to the CPU for this case", self.manifest.name
+            )
+            torch.cuda.empty_cache()
+            if self._cpu_stages is None:
+                self._cpu_stages = self._load(torch.device("cpu"))
+            return run_cascade(image, spacing_zyx, ref.direction, self._cpu_stages)
+
+    def run(self, inputs: Mapping[str, Sequence[Dataset]]) -> SegmentationResult:
+        """Segment one case.
+
+        Raises:
+            InferenceError: an input cannot be used (the message says why) or prediction failed.
+        """
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        ref, image, volumes = self.build_inputs(inputs)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with torch.inference_mode():
+            labels, per_stage = self._predict(image, ref)
+        timings["predict"] = time.perf_counter() - t
+        timings.update({f"stage_{k}": v for k, v in per_stage.items()})
+
+        t = time.perf_counter()
+        spacing_zyx = (ref.spacing[2], ref.spacing[1], ref.spacing[0])
+        labels = apply_postprocess(
+            labels, self.manifest.postprocess, spacing_zyx=spacing_zyx, index_to_lps=ref.index_to_lps
+        ).astype(np.uint8)
+        label_volume = ref.with_array(labels)
+        metrics = self.measure(label_volume, volumes)
+        timings["postprocess"] = time.perf_counter() - t
+        return SegmentationResult(
+            labels=label_volume,
+            metrics=metrics,
+            timings={k: round(v, 3) for k, v in timings.items()},
+            model=self.model_info,
+            channels=volumes,
+        )
+
+    def measure(self, labels: Volume, volumes: Mapping[str, Volume]) -> dict[str, Any]:
+        """Volumes (mL from voxel counts), means inside labels, lesion counts."""
+        voxel_ml = labels.voxel_volume_ml
+        counts = np.bincount(labels.array.ravel(), minlength=max(self.manifest.labels) + 1)
+        out: dict[str, Any] = {"voxel_volume_ml": voxel_ml, "labels": {}}
+        for value, spec in sorted(self.manifest.labels.items()):
+            n = int(counts[value]) if value < len(counts) else 0
+            entry: dict[str, Any] = {"name": spec.name, "voxels": n, "volume_ml": round(n * voxel_ml, 6)}
+            if spec.laterality:
+                entry["laterality"] = spec.laterality
+            if spec.measure_mean_of:
+                entry["mean"] = {}
+                for role in spec.measure_mean_of:
+                    vol = volumes.get(role)
+                    entry["mean"][role] = None if vol is None else mean_inside(labels.array, value, vol.array)
+                entry["mean_unit"] = spec.mean_unit
+            if spec.count_components:
+                comps = component_volumes_ml(labels.array, value, voxel_ml)
+                entry["count"] = len(comps)
+                entry["components_ml"] = [round(c, 6) for c in comps]
+            out["labels"][str(value)] = entry
+        return out
