@@ -110,3 +110,68 @@ def write_series(folder: str | Path, datasets: Iterator[Dataset] | list[Dataset]
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: Row (increasing column index) and column (increasing row index) directions, LPS.
+ORIENTATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+}
+
+
+def make_oriented_series(
+    values_at: Any,
+    *,
+    orientation: str = "axial",
+    rows: int = 48,
+    cols: int = 48,
+    slices: int = 20,
+    spacing: tuple[float, float, float] = (2.0, 2.0, 3.0),
+    center: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    flip_rows: bool = False,
+    reverse: bool = False,
+    modality: str = "MR",
+    study_uid: str | None = None,
+    **header: Any,
+) -> list[Dataset]:
+    """A single-frame series sampling ``values_at`` on a grid of known orientation.
+
+    ``values_at`` maps an (N, 3) array of LPS points (mm) to N pixel values.
+    ``spacing`` is (column spacing, row spacing, slice spacing) in mm.
+    ``flip_rows`` makes columns run the other way along the row direction;
+    ``reverse`` numbers the instances against the slice normal.
+    """
+    row_dir = np.array(ORIENTATIONS[orientation][0])
+    col_dir = np.array(ORIENTATIONS[orientation][1])
+    if flip_rows:
+        row_dir = -row_dir
+    normal = np.cross(row_dir, col_dir)
+    sx, sy, sz = spacing
+    origin = (
+        np.asarray(center, dtype=float)
+        - row_dir * sx * (cols - 1) / 2
+        - col_dir * sy * (rows - 1) / 2
+        - normal * sz * (slices - 1) / 2
+    )
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    base = list(
+        make_series(slices, modality=modality, rows=rows, cols=cols, study_uid=study_uid, pixels=False, **header)
+    )
+    out = []
+    for k, ds in enumerate(base):
+        pos = origin + normal * sz * k
+        pts = pos + cc[..., None] * sx * row_dir + rr[..., None] * sy * col_dir
+        values = np.asarray(values_at(pts.reshape(-1, 3)), dtype=np.float64).reshape(rows, cols)
+        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [sy, sx]
+        ds.SliceThickness = sz
+        ds.InstanceNumber = slices - k if reverse else k + 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = np.clip(np.rint(values), 0, 65535).astype(np.uint16).tobytes()
+        if "RescaleIntercept" in ds:
+            del ds.RescaleIntercept
+            del ds.RescaleSlope
+        out.append(ds)
+    return out[::-1] if reverse else out

@@ -163,3 +163,11 @@ def require_program(program: str) -> str:
             pytest.fail(f"{program} is not installed; .ci/run installs it")
         pytest.skip(f"{program} not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def sphere_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A native model package trained in a few seconds to find spheres (left/right labels)."""
+    from tests.model_packages import build_sphere_package
+
+    return build_sphere_package(tmp_path_factory.mktemp("sphere-package"))
