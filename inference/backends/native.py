@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F  # noqa: N812 - PyTorch's usual name
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
