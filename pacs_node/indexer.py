@@ -192,13 +192,15 @@ class Indexer:
             return
         # Within a batch the last copy of a SOP instance wins (journal order).
         latest: dict[str, Received] = {}
+        copies: dict[str, int] = {}
         superseded: list[Received] = []
         for rec in sorted(batch, key=lambda r: r.acked_path.name):
             if rec.sop_uid in latest:
                 superseded.append(latest[rec.sop_uid])
             latest[rec.sop_uid] = rec
+            copies[rec.sop_uid] = copies.get(rec.sop_uid, 0) + 1
         with self.db.session() as session:
-            self._write_rows(session, list(latest.values()))
+            self._write_rows(session, list(latest.values()), copies)
         dirs: set[Path] = set()
         for rec in latest.values():
             final = self.store.promote(rec.acked_path, self.store.relpath(rec.study_uid, rec.series_uid, rec.sop_uid))
@@ -210,7 +212,7 @@ class Indexer:
         self.indexed_total += len(latest)
         logger.debug("indexed %d instances", len(latest))
 
-    def _write_rows(self, session: Session, recs: list[Received]) -> None:
+    def _write_rows(self, session: Session, recs: list[Received], copies: dict[str, int]) -> None:
         studies = _get_or_create_studies(session, recs)
         series_rows = _get_or_create_series(session, recs, studies)
         existing = {
@@ -240,7 +242,7 @@ class Indexer:
             inst.path = rel
             inst.size_bytes = rec.size_bytes
             inst.received_at = rec.received_at
-            inst.receive_count = (inst.receive_count or 0) + 1
+            inst.receive_count = (inst.receive_count or 0) + copies.get(rec.sop_uid, 1)
             inst.calling_ae = rec.calling_ae
             hint = expected_frames_hint(rec.header, rec.sop_class_uid)
             if hint is not None:

@@ -169,13 +169,35 @@ def _install_pynetdicom_hooks() -> None:
         _patched = True
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port several processes may share."""
+def _nodelay(sock: socket.socket | None) -> None:
+    # Without TCP_NODELAY each small DIMSE response can wait for a delayed ACK.
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """The association server: TCP_NODELAY on every connection."""
+
+    reuse_port = False
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        _nodelay(sock)
+        return sock, address
+
+
+class ReusePortServer(NodeAssociationServer):
+    """An association server whose port several processes may share (SO_REUSEPORT)."""
+
+    reuse_port = True
 
 
 class StorageSCP:
@@ -240,7 +262,7 @@ class StorageSCP:
         server = self.ae.make_server(
             (s.host, s.port),
             evt_handlers=self.handlers(),
-            server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer,
+            server_class=ReusePortServer if self.reuse_port else NodeAssociationServer,
         )
         self._server = cast(ThreadedAssociationServer, server)
         self.ae._servers.append(self._server)  # so that ae.shutdown() stops it
@@ -276,8 +298,11 @@ class StorageSCP:
                 address,
                 assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else "?",
             )
-            # Rejected (permanent), service-user, no reason given.
+            # Rejected (permanent), service-user, no reason given; kill() lets the
+            # DUL send the A-ASSOCIATE-RJ before the socket closes, as
+            # pynetdicom's own rejection path does.
             assoc.acse.send_reject(0x01, 0x01, 0x01)
+            assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
@@ -336,6 +361,7 @@ def echo(host: str, port: int, *, calling_ae: str = "PACSNODE", called_ae: str =
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
+    _nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if status else -1
@@ -378,6 +404,7 @@ def send_files(
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae} at {host}:{port} (rejected, aborted or unreachable)")
+    _nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
     results: dict[str, int] = {}
     try:
         for path, sop in headers:

@@ -1,0 +1,439 @@
+"""nnU-Net v2 results folders, run in-process by nnU-Net's own ``nnUNetPredictor``.
+
+A stage names one results folder (``Trainer__Plans__configuration``) or several
+(an ensemble: class probabilities averaged, as ``nnUNetv2_ensemble`` does), the
+folds to use and the checkpoint name. Each folder gets one predictor, loaded
+once; every prediction goes through nnU-Net's own preprocessing (cropping,
+normalisation, resampling to the training spacing), sliding-window inference
+(Gaussian weighting, mirroring) and resampling back, so results match
+``nnUNetv2_predict`` on the same image.
+
+Inputs and outputs are arrays on the caller's grid, axes (channel, z, y, x), the
+order nnU-Net's SimpleITK reader produces. When the manifest gives an
+``orientation``, the image is reoriented to it first (SimpleITK's DICOMOrient
+convention: a pure permutation and flip of the axes) and the probabilities are
+mapped back exactly, without interpolation.
+
+Loading a results folder unpickles its checkpoints (nnU-Net calls ``torch.load``
+with ``weights_only=False``): only install model folders you trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.backends import StagePredictor
+from inference.device import run_with_oom_fallback
+from inference.errors import ModelPackageError, PredictionError
+from inference.manifest import NnUNetBackend, sha256_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NnUNetStage", "OrientationMap"]
+
+#: modules whose functions a postprocessing.pkl may name (nnU-Net's own postprocessing)
+_PP_ALLOWED_PREFIXES = ("nnunetv2.postprocessing.",)
+#: other globals a postprocessing.pkl may reference (numpy scalars in the kwargs)
+_PP_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+@contextlib.contextmanager
+def _quiet(what: str) -> Iterator[None]:
+    """Capture what nnU-Net prints to stdout and log it at DEBUG instead."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            logger.debug("nnU-Net output while %s:\n%s", what, text)
+
+
+class OrientationMap:
+    """The exact axis permutation and flips between an image and its reoriented copy.
+
+    Built from the image's direction and the direction SimpleITK's
+    ``DICOMOrient`` gives it for ``orientation``; arrays (…, z, y, x) are mapped
+    to the reoriented grid by :meth:`forward` and back by :meth:`backward`.
+
+    Args:
+        direction: 3x3, columns are the patient (LPS) directions of increasing x, y, z index.
+        orientation: a DICOMOrient code such as ``"LPS"`` or ``"RAS"``.
+
+    Raises:
+        ValueError: ``orientation`` is not a valid code.
+    """
+
+    def __init__(self, direction: np.ndarray, orientation: str) -> None:
+        import SimpleITK as sitk
+
+        direction = np.asarray(direction, dtype=np.float64)
+        probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+        probe.SetDirection(tuple(direction.ravel().tolist()))
+        try:
+            reoriented = sitk.DICOMOrient(probe, orientation)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"orientation {orientation!r} is not a valid DICOMOrient code (e.g. 'LPS', 'RAS')"
+            ) from exc
+        new_direction = np.asarray(reoriented.GetDirection(), dtype=np.float64).reshape(3, 3)
+        dots = new_direction.T @ direction  # [new axis, old axis], in x, y, z index order
+        #: old (x, y, z) axis feeding each new (x, y, z) axis
+        self.perm_xyz = tuple(int(i) for i in np.argmax(np.abs(dots), axis=1))
+        #: new (x, y, z) axes that run opposite to their old axis
+        self.flip_xyz = tuple(bool(dots[a, b] < 0) for a, b in enumerate(self.perm_xyz))
+        if sorted(self.perm_xyz) != [0, 1, 2]:
+            raise ValueError(f"direction {direction.tolist()} cannot be reoriented to {orientation!r} by a permutation")
+        self.direction = new_direction
+
+    @property
+    def identity(self) -> bool:
+        return self.perm_xyz == (0, 1, 2) and not any(self.flip_xyz)
+
+    def spacing_zyx(self, spacing_zyx: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Spacing (z, y, x) of the reoriented grid."""
+        old_xyz = spacing_zyx[::-1]
+        new_xyz = [float(old_xyz[b]) for b in self.perm_xyz]
+        return (new_xyz[2], new_xyz[1], new_xyz[0])
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        """(…, z, y, x) on the original grid -> (…, z', y', x') on the reoriented grid."""
+        lead = array.ndim - 3
+        # in (z, y, x) array axes, old x/y/z index axis b sits at lead + 2 - b
+        axes = list(range(lead)) + [lead + 2 - self.perm_xyz[2 - k] for k in range(3)]
+        out = np.transpose(array, axes)
+        flips = tuple(lead + 2 - a for a in range(3) if self.flip_xyz[a])
+        return np.flip(out, axis=flips) if flips else out
+
+    def backward(self, array: np.ndarray) -> np.ndarray:
+        """(…, z', y', x') on the reoriented grid -> (…, z, y, x) on the original grid."""
+        lead = array.ndim - 3
+        flips = tuple(lead + 2 - a for a in range(3) if self.flip_xyz[a])
+        out = np.flip(array, axis=flips) if flips else array
+        axes = list(range(lead)) + [lead + 2 - self.perm_xyz[2 - k] for k in range(3)]
+        return np.transpose(out, np.argsort(axes))
+
+
+class _PostprocessingUnpickler(pickle.Unpickler):
+    """Loads nnU-Net's ``postprocessing.pkl`` but refuses globals other than its own functions."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PP_ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(_PP_ALLOWED_PREFIXES):
+            obj = super().find_class(module, name)
+            if callable(obj) and getattr(obj, "__module__", "").startswith(_PP_ALLOWED_PREFIXES):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not one of nnU-Net's postprocessing functions")
+
+
+def _load_postprocessing(path: Path) -> tuple[list[Callable[..., np.ndarray]], list[dict[str, Any]]]:
+    try:
+        with open(path, "rb") as fh:
+            loaded = _PostprocessingUnpickler(fh).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise ModelPackageError(
+            f"{path}: cannot load nnU-Net postprocessing ({exc}); remove the file to run without postprocessing"
+        ) from exc
+    if (
+        not isinstance(loaded, tuple | list)
+        or len(loaded) != 2
+        or not isinstance(loaded[0], list | tuple)
+        or not isinstance(loaded[1], list | tuple)
+        or len(loaded[0]) != len(loaded[1])
+        or not all(callable(f) for f in loaded[0])
+        or not all(isinstance(k, dict) for k in loaded[1])
+    ):
+        raise ModelPackageError(f"{path}: not an nnU-Net postprocessing.pkl (expected (functions, kwargs) lists)")
+    return list(loaded[0]), [dict(k) for k in loaded[1]]
+
+
+def _fold_dir(fold: int | str) -> str:
+    return f"fold_{fold}"
+
+
+class NnUNetStage(StagePredictor):
+    """One stage backed by nnU-Net v2 results folder(s), loaded once.
+
+    Args:
+        spec: the stage's ``nnunet`` backend settings from ``model.yaml``.
+        package_folder: the model package folder; ``spec.folders`` are relative to it.
+        device: where to run (``inference.device.choose_device``). On CUDA a
+            prediction that runs out of GPU memory is rerun on the CPU.
+        num_threads: torch CPU threads during a prediction (restored afterwards);
+            None keeps the process setting.
+
+    Raises:
+        ModelPackageError: a folder, ``plans.json``, ``dataset.json`` or a fold's
+            checkpoint is missing, nnU-Net cannot load the model, the ensemble's
+            members disagree on labels or channels, or the model is of a kind this
+            backend does not run (region-based, cascade).
+    """
+
+    def __init__(
+        self,
+        spec: NnUNetBackend,
+        package_folder: Path,
+        *,
+        device: torch.device,
+        num_threads: int | None = None,
+    ) -> None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        self.spec = spec
+        self.package_folder = Path(package_folder)
+        self.device = torch.device(device)
+        self.num_threads = num_threads
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be a positive integer, not {num_threads}")
+        if not spec.folders or not spec.folds:
+            raise ModelPackageError(
+                f"nnunet stage: folders {list(spec.folders)} and folds {list(spec.folds)} must each name at least one"
+            )
+        if spec.orientation is not None:
+            try:
+                OrientationMap(np.eye(3), spec.orientation)
+            except ValueError as exc:
+                raise ModelPackageError(f"orientation: {exc}") from exc
+        self.folders = [self.package_folder / f for f in spec.folders]
+        self.checksums = {}
+        self._predictors: list[Any] = []
+        labels: list[int] | None = None
+        channels: int | None = None
+        for folder in self.folders:
+            checkpoints = self._check_folder(folder)
+            predictor = self._make_predictor(nnUNetPredictor)
+            try:
+                with _quiet(f"loading {folder}"):
+                    predictor.initialize_from_trained_model_folder(
+                        str(folder), use_folds=tuple(spec.folds), checkpoint_name=spec.checkpoint
+                    )
+            except Exception as exc:  # nnU-Net raises bare KeyError/RuntimeError/... for broken folders
+                raise ModelPackageError(f"the model folder {folder}: nnU-Net could not load it: {exc!r}") from exc
+            label_manager = predictor.label_manager
+            if label_manager.has_regions:
+                raise ModelPackageError(
+                    f"the model folder {folder} is region-based (dataset.json regions_class_order); "
+                    "its outputs are not class probabilities and this backend does not run it"
+                )
+            if predictor.configuration_manager.previous_stage_name is not None:
+                raise ModelPackageError(
+                    f"the model folder {folder} is an nnU-Net cascade stage (needs the "
+                    f"{predictor.configuration_manager.previous_stage_name} prediction); use a "
+                    "3d_fullres or 3d_lowres folder, or a two-stage manifest"
+                )
+            n_in = int(determine_num_input_channels(
+                predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+            ))
+            member_labels = [int(v) for v in label_manager.all_labels]
+            if labels is None:
+                labels, channels = member_labels, n_in
+            elif member_labels != labels or n_in != channels:
+                raise ModelPackageError(
+                    f"the ensemble's folders disagree: {self.folders[0]} has labels {labels} and {channels} input "
+                    f"channel(s), {folder} has labels {member_labels} and {n_in}; an ensemble needs the same dataset"
+                )
+            for path in [folder / "plans.json", folder / "dataset.json", *checkpoints]:
+                self.checksums[self._key(path)] = sha256_file(path)
+            self._predictors.append(predictor)
+        assert labels is not None and channels is not None  # set by the first folder (checked above)
+        self.labels = labels
+        self.num_classes = int(self._predictors[0].label_manager.num_segmentation_heads)
+        self.num_input_channels = channels
+        self._postprocessing = self._find_postprocessing(self.folders[0])
+        logger.info(
+            "loaded nnU-Net stage %s (folds %s, %s) on %s: %d classes, %d input channel(s)%s",
+            ", ".join(spec.folders), list(spec.folds), spec.checkpoint, self.device, self.num_classes,
+            self.num_input_channels, ", with postprocessing" if self._postprocessing else "",
+        )
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _make_predictor(self, cls: Any) -> Any:
+        with _quiet("creating the predictor"):  # nnU-Net prints a notice for every CPU predictor
+            return cls(
+                tile_step_size=self.spec.tile_step_size,
+                use_gaussian=True,
+                use_mirroring=self.spec.use_mirroring,
+                perform_everything_on_device=self.device.type == "cuda",
+                device=self.device,
+                verbose=False,
+                verbose_preprocessing=False,
+                allow_tqdm=False,
+            )
+
+    def _key(self, path: Path) -> str:
+        try:
+            return path.resolve().relative_to(self.package_folder.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _check_folder(self, folder: Path) -> list[Path]:
+        """The checkpoint files the stage will load from ``folder``; ModelPackageError naming what is missing."""
+        if not folder.is_dir():
+            raise ModelPackageError(
+                f"the model folder {folder} does not exist; copy the nnU-Net results folder "
+                "(Trainer__Plans__configuration) into the model package"
+            )
+        for name in ("plans.json", "dataset.json"):
+            if not (folder / name).is_file():
+                raise ModelPackageError(
+                    f"the model folder {folder} lacks {name}; copy the whole nnU-Net results folder "
+                    "(Trainer__Plans__configuration, with plans.json and dataset.json beside the fold_* folders)"
+                )
+        checkpoint = self.spec.checkpoint
+        present = sorted(
+            (p.name.removeprefix("fold_") for p in folder.glob("fold_*") if (p / checkpoint).is_file()),
+            key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f),
+        )
+        present_folds: list[int | str] = [int(f) if f.isdigit() else f for f in present]
+        paths = []
+        for fold in self.spec.folds:
+            path = folder / _fold_dir(fold) / checkpoint
+            if path.is_file():
+                paths.append(path)
+                continue
+            others = sorted(p.name for p in (folder / _fold_dir(fold)).glob("*.pth")) if path.parent.is_dir() else []
+            if present_folds:
+                hint = f"set folds in model.yaml to the folds present: {present_folds}"
+            elif others:
+                hint = f"set checkpoint in model.yaml to one present in {_fold_dir(fold)}: {others}"
+            else:
+                hint = f"no fold_*/{checkpoint} exists there; copy the trained folds into the package"
+            if present_folds and others:
+                hint += f", or set checkpoint to one present in {_fold_dir(fold)}: {others}"
+            raise ModelPackageError(f"the model folder {folder} lacks {_fold_dir(fold)}/{checkpoint}; {hint}")
+        return paths
+
+    def _find_postprocessing(self, folder: Path) -> tuple[list[Callable[..., np.ndarray]], list[dict[str, Any]]] | None:
+        """nnU-Net's postprocessing.pkl: in the folder itself, or in its crossval_results_folds_* folder."""
+        folds = "_".join(str(f) for f in self.spec.folds)
+        for path in (folder / "postprocessing.pkl", folder / f"crossval_results_folds_{folds}" / "postprocessing.pkl"):
+            if path.is_file():
+                pp = _load_postprocessing(path)
+                self.checksums[self._key(path)] = sha256_file(path)
+                logger.info("nnU-Net postprocessing from %s: %s", path,
+                            [f"{getattr(f, '__name__', f)}({k})" for f, k in zip(*pp, strict=True)])
+                return pp
+        return None
+
+    # -- prediction ----------------------------------------------------------------------------
+
+    def _validate(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+                  ) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+        image = np.asarray(image)
+        if image.ndim != 4:
+            raise PredictionError(f"image: expected (channels, z, y, x), got an array of shape {image.shape}")
+        if image.shape[0] != self.num_input_channels:
+            raise PredictionError(
+                f"image: the model takes {self.num_input_channels} input channel(s), the image has {image.shape[0]}"
+            )
+        if min(image.shape[1:]) < 1:
+            raise PredictionError(f"image: empty volume of shape {image.shape}")
+        spacing = tuple(float(s) for s in spacing_zyx)
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise PredictionError(f"spacing_zyx: expected three positive spacings in mm, got {spacing_zyx}")
+        d = np.asarray(direction, dtype=np.float64)
+        if d.shape != (3, 3) or not np.all(np.isfinite(d)) or not np.allclose(d.T @ d, np.eye(3), atol=1e-3):
+            raise PredictionError(
+                f"direction: expected an orthonormal 3x3 matrix, got {np.asarray(direction).tolist()}"
+            )
+        if not np.all(np.isfinite(image)):
+            raise PredictionError("image: contains NaN or infinite values")
+        return np.ascontiguousarray(image, dtype=np.float32), (spacing[0], spacing[1], spacing[2]), d
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        if self.num_threads is None:
+            yield
+            return
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    def _run(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], device: torch.device) -> np.ndarray:
+        """Average of the ensemble members' probabilities, on ``device`` (the stage's, or the CPU fallback)."""
+        total: np.ndarray | None = None
+        for folder, predictor in zip(self.folders, self._predictors, strict=True):
+            saved = predictor.device, predictor.perform_everything_on_device
+            if device != predictor.device:
+                # nnU-Net moves the network to predictor.device at every call
+                predictor.device, predictor.perform_everything_on_device = device, False
+            try:
+                with torch.inference_mode(), _quiet(f"predicting with {folder}"):
+                    _, proba = predictor.predict_single_npy_array(
+                        image, {"spacing": list(spacing_zyx)}, None, None, save_or_return_probabilities=True
+                    )
+            finally:
+                predictor.device, predictor.perform_everything_on_device = saved
+            proba = np.asarray(proba, dtype=np.float32)
+            if total is None:
+                total = proba
+            else:
+                total += proba
+        assert total is not None
+        if len(self._predictors) > 1:
+            total /= len(self._predictors)
+        return total
+
+    def predict_proba(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+                      ) -> np.ndarray:
+        """Class probabilities (num_classes, z, y, x), float32, on the input grid.
+
+        Raises:
+            PredictionError: the image, spacing or direction is not what the model takes,
+                or nnU-Net failed on it.
+        """
+        image, spacing, d = self._validate(image, spacing_zyx, direction)
+        orient = OrientationMap(d, self.spec.orientation) if self.spec.orientation else None
+        if orient is not None and not orient.identity:
+            image = np.ascontiguousarray(orient.forward(image))
+            spacing = orient.spacing_zyx(spacing)
+        what = f"nnU-Net stage {', '.join(self.spec.folders)} on an image of shape {tuple(image.shape)}"
+        try:
+            with self._threads():
+                proba = run_with_oom_fallback(lambda dev: self._run(image, spacing, dev), self.device, what=what)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            raise PredictionError(f"{what}: nnU-Net failed: {exc!r}") from exc
+        if proba.shape != (self.num_classes, *image.shape[1:]):
+            raise PredictionError(f"{what}: nnU-Net returned probabilities of shape {proba.shape}")
+        if orient is not None and not orient.identity:
+            proba = orient.backward(proba)
+        return np.ascontiguousarray(proba, dtype=np.float32)
+
+    def predict(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray) -> np.ndarray:
+        """Label map (z, y, x) on the input grid: argmax of the averaged probabilities, then the
+        folder's ``postprocessing.pkl`` when it has one (applied as ``nnUNetv2_apply_postprocessing`` does).
+
+        Raises:
+            PredictionError: as :meth:`predict_proba`.
+        """
+        proba = self.predict_proba(image, spacing_zyx, direction)
+        seg = np.argmax(proba, axis=0).astype(np.uint8 if self.num_classes <= 256 else np.uint16)
+        if self._postprocessing is not None:
+            from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
+
+            fns, kwargs = self._postprocessing
+            seg = np.asarray(apply_postprocessing(seg, fns, kwargs)).astype(seg.dtype, copy=False)
+        return seg
