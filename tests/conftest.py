@@ -171,3 +171,19 @@ def sphere_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.model_packages import build_sphere_package
 
     return build_sphere_package(tmp_path_factory.mktemp("sphere-package"))
+
+
+@pytest.fixture(scope="session")
+def tiny_nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, real nnU-Net v2 results folder planned by nnU-Net and trained briefly (about a minute)."""
+    import importlib.util
+
+    if importlib.util.find_spec("nnunetv2") is None:
+        if os.environ.get("CI"):
+            pytest.fail("nnunetv2 is not installed; CI installs it (scripts/install.sh --dev)")
+        pytest.skip("nnunetv2 is not installed")
+    from tests.tiny_nnunet import build_tiny_nnunet
+
+    root = tmp_path_factory.mktemp("tiny_nnunet")
+    build_tiny_nnunet(root, seed=0)
+    return root

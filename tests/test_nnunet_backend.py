@@ -56,10 +56,8 @@ def spec(**kw: object):  # -> NnUNetBackend
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_nnunet")
-    build_tiny_nnunet(root, seed=0)
-    return root
+def tiny_root(tiny_nnunet_root: Path) -> Path:
+    return tiny_nnunet_root
 
 
 @pytest.fixture(scope="module")
