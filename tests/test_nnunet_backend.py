@@ -27,7 +27,6 @@ from tests.tiny_nnunet import (
     DATASET_NAME,
     SPACING_ZYX,
     TRAINER_FOLDER,
-    build_tiny_nnunet,
     make_case,
     nnunet_command,
     nnunet_env,
