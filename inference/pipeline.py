@@ -179,7 +179,17 @@ class ModelRunner:
                 logger.info("optional input %s absent: channel filled with zeros", chan.role)
                 channels.append(np.zeros(reference.shape, dtype=np.float32))
                 continue
-            vol = resample_to(load(chan.role), reference, interpolation="linear")
+            moving = load(chan.role)
+            if moving.frame_of_reference_uid != reference.frame_of_reference_uid:
+                # Series of one exam usually share scanner coordinates even when
+                # the scanner wrote a new Frame of Reference UID; resample by
+                # patient coordinates and say so.
+                logger.warning(
+                    "input %s has another frame of reference than %s; resampling by patient coordinates",
+                    chan.role,
+                    m.reference,
+                )
+            vol = resample_to(moving, reference, interpolation="linear", check_frame_of_reference=False)
             volumes[chan.role] = vol
             channels.append(vol.array.astype(np.float32, copy=False))
         return reference, np.stack(channels), volumes

@@ -125,3 +125,39 @@ def test_package_without_manifest_or_weights(tmp_path: Path, sphere_package: Pat
     (broken / "model.yaml").write_text((sphere_package / "model.yaml").read_text())
     with pytest.raises(ModelPackageError, match="weights.safetensors"):
         ModelRunner(broken)
+
+
+def test_secondary_inputs_are_resampled_onto_the_reference_grid(sphere_package: Path, tmp_path: Path) -> None:
+    """A DWI-like reference plus a FLAIR-like series at another resolution and
+    orientation: the secondary channel is resampled in patient space onto the
+    reference grid and stacked in manifest order; an absent optional one is zeros."""
+    import shutil
+
+    import yaml
+
+    package = tmp_path / "two-inputs"
+    shutil.copytree(sphere_package, package)
+    manifest = yaml.safe_load((package / "model.yaml").read_text())
+    manifest["inputs"] = [{"role": "image"}, {"role": "flair", "optional": True}, {"role": "extra", "optional": True}]
+    (package / "model.yaml").write_text(yaml.safe_dump(manifest))
+    runner = ModelRunner(package, allow_gpu=False)
+    reference = _series(orientation="axial")
+    flair = make_oriented_series(
+        two_spheres(),
+        orientation="sagittal",
+        rows=30,
+        cols=30,
+        slices=40,
+        spacing=(3.0, 3.0, 1.5),
+        study_uid=reference[0].StudyInstanceUID,
+    )
+    ref, image, volumes = runner.build_inputs({"image": reference, "flair": flair})
+    assert image.shape == (3, *ref.shape)
+    assert volumes["flair"].same_grid(ref)
+    assert not image[2].any(), "an absent optional input is a channel of zeros"
+    # The left sphere is bright in both channels at the same patient position.
+    centre = np.round(ref.lps_to_index(np.array([18.0, 0.0, 0.0]))).astype(int)  # (x, y, z)
+    x, y, z = centre
+    assert image[0, z, y, x] > 90 and image[1, z, y, x] > 90
+    away = np.round(ref.lps_to_index(np.array([0.0, 0.0, 0.0]))).astype(int)
+    assert image[1, away[2], away[1], away[0]] < 30
