@@ -137,6 +137,16 @@ class WorkerSettings(_Frozen):
     max_attempts: int = Field(2, ge=1, description="runs of a job whose worker died before it is failed")
 
 
+class OutputSettings(_Frozen):
+    """Result objects: series numbers (the same for every study, so viewers sort them last)."""
+
+    seg_series_number: int = Field(9001, ge=1)
+    sr_series_number: int = Field(9002, ge=1)
+    key_image_series_number: int = Field(9003, ge=1)
+    notice_series_number: int = Field(9004, ge=1)
+    key_image: bool = Field(True, description="burn the overlay into a Secondary Capture for viewers without SEG")
+
+
 class RetentionSettings(_Frozen):
     """Purging of received inputs and produced results; ``null`` keeps forever."""
 
@@ -236,6 +246,9 @@ class RouteSettings(_Frozen):
     pipeline: str
     destinations: tuple[str, ...] = ()
     priority: Priority = Priority.NORMAL
+    not_processed_notice: bool = Field(
+        False, description="when a job fails for its input, send a short SR saying the AI did not run and why"
+    )
 
     @field_validator("calling_ae", "called_ae")
     @classmethod
@@ -260,6 +273,7 @@ class Settings(_Frozen):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)  # type: ignore[arg-type]
     retention: RetentionSettings = Field(default_factory=RetentionSettings)  # type: ignore[arg-type]
     worker: WorkerSettings = Field(default_factory=WorkerSettings)  # type: ignore[arg-type]
+    outputs: OutputSettings = Field(default_factory=OutputSettings)  # type: ignore[arg-type]
     destinations: dict[str, Destination] = Field(default_factory=dict)
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()

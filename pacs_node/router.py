@@ -268,6 +268,7 @@ class Router:
                 names = ", ".join(_role_name(r) for r in missing)
                 job.state = JobState.FAILED
                 job.finished_at = now
+                job.failure_kind = "input"
                 job.reason = (
                     f"required input {names} not received within {waited} s "
                     f"(pipeline {job.pipeline}; check that the PACS route sends "

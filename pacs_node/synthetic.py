@@ -46,6 +46,8 @@ def make_series(
     study_uid = study_uid or new_uid()
     series_uid = series_uid or new_uid()
     rng = np.random.default_rng(seed)
+    # One frame of reference per study (scanner coordinates of the exam), never equal to the study UID.
+    frame_of_reference = str(generate_uid(prefix=UID_ROOT, entropy_srcs=[study_uid, "frame-of-reference"]))
     sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     for i in range(n):
         ds = Dataset()
@@ -80,7 +82,7 @@ def make_series(
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [-cols * spacing[0] / 2, -rows * spacing[1] / 2, i * spacing[2]]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID = study_uid + ".1" if len(study_uid) < 62 else study_uid
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.PixelSpacing = [spacing[1], spacing[0]]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"

@@ -30,6 +30,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select, update
 
 from pacs_node.config import Settings
+from pacs_node.results import build_outputs, emit_notices, store_outputs
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Instance, Job, JobState, Series, utcnow
@@ -43,6 +44,8 @@ class JobFailed(Exception):
 
 class Runner(Protocol):
     """What the worker needs from a loaded model (inference.pipeline.ModelRunner)."""
+
+    manifest: Any
 
     def run(self, inputs: dict[str, list[Dataset]]) -> Any: ...
 
@@ -116,7 +119,7 @@ def execute_job(
     runner_for: RunnerFactory,
 ) -> JobState:
     """Run one claimed job to DONE or FAILED; never raises for a job's own failure."""
-    from inference.errors import InferenceError
+    from inference.errors import InferenceError, ModelPackageError
 
     with db.session() as session:
         job = session.get(Job, job_id)
@@ -138,7 +141,16 @@ def execute_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         label_path = out_dir / "labels.nii.gz"
         result.save_labels(label_path)
-        timings = {"load_model": round(t_load, 3), "read_inputs": round(t_read, 3), **result.timings}
+        t2 = time.perf_counter()
+        built = build_outputs(settings, job, result, inputs, runner.manifest)
+        store_outputs(settings, db, store, job_id, built)
+        t_outputs = time.perf_counter() - t2
+        timings = {
+            "load_model": round(t_load, 3),
+            "read_inputs": round(t_read, 3),
+            **result.timings,
+            "outputs": round(t_outputs, 3),
+        }
         timings["total"] = round(time.perf_counter() - t0, 3)
         with db.session() as session:
             row = session.get(Job, job_id)
@@ -168,16 +180,18 @@ def execute_job(
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
         )
         return JobState.DONE
+    except ModelPackageError as exc:
+        reason, kind = str(exc), "model"
     except (JobFailed, InferenceError) as exc:
-        reason = str(exc)
+        reason, kind = str(exc), "input"
     except Exception as exc:  # a failing job never stops the worker
         logger.error("job %d: unexpected error\n%s", job_id, traceback.format_exc())
-        reason = f"internal error ({type(exc).__name__}: {exc}); see the node's log"
-    _fail(db, job_id, reason, worker_id=job.worker_id)
+        reason, kind = f"internal error ({type(exc).__name__}: {exc}); see the node's log", "internal"
+    _fail(db, job_id, reason, worker_id=job.worker_id, kind=kind)
     return JobState.FAILED
 
 
-def _fail(db: Database, job_id: int, reason: str, *, worker_id: str | None = None) -> None:
+def _fail(db: Database, job_id: int, reason: str, *, worker_id: str | None = None, kind: str = "internal") -> None:
     with db.session() as session:
         row = session.get(Job, job_id)
         if row is None or row.state is not JobState.RUNNING:
@@ -187,6 +201,7 @@ def _fail(db: Database, job_id: int, reason: str, *, worker_id: str | None = Non
         row.state = JobState.FAILED
         row.finished_at = utcnow()
         row.reason = reason
+        row.failure_kind = kind
     logger.warning("job %d FAILED: %s", job_id, reason)
 
 
@@ -222,6 +237,10 @@ def worker_loop(
         while not stop.is_set():
             job_id = claim_next(db, worker_id)
             if job_id is None:
+                try:
+                    emit_notices(settings, db, store)
+                except Exception:
+                    logger.exception("writing not-processed notices failed; will retry")
                 stop.wait(settings.worker.poll_interval_s)
                 continue
             logger.info("worker %s runs job %d", worker_id, job_id)
@@ -299,6 +318,7 @@ class WorkerSupervisor:
         if job.attempts >= self.settings.worker.max_attempts:
             job.state = JobState.FAILED
             job.finished_at = utcnow()
+            job.failure_kind = "internal"
             job.reason = f"{what}, {job.attempts} times; not retried again (worker.max_attempts)"
             logger.warning("job %d FAILED: %s", job.id, job.reason)
         else:
@@ -330,6 +350,7 @@ class WorkerSupervisor:
                         proc.join(10)
                     job.state = JobState.FAILED
                     job.finished_at = now
+                    job.failure_kind = "timeout"
                     job.reason = (
                         f"stopped after {limit:g} s: the job exceeded its pipeline's time limit "
                         f"(pipelines.{job.pipeline}.time_limit_s); the worker was restarted"

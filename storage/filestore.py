@@ -189,6 +189,32 @@ class FileStore:
             raise StorageError(f"cannot store {sop_uid}: {exc.strerror}") from exc
         return self.acknowledge(tmp, sop_uid)
 
+    def write_file(self, rel: str, data: bytes) -> Path:
+        """Write a file the node produced at ``rel`` atomically and durably (replacing).
+
+        Raises:
+            StorageFull: the disk filled up.
+            StorageError: any other I/O failure.
+        """
+        final = self.path(rel)
+        tmp = self.new_incoming_path()
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if self.fsync:
+                    _datasync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"disk full while writing {rel}") from exc
+            raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
+        return final
+
     def promote(self, acked_path: Path, rel: str) -> Path:
         """Move an indexed file from the journal to its final place (replacing).
 

@@ -193,5 +193,41 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result_path: Mapped[str | None] = mapped_column(String(512))
+    #: why it failed: input (the sender can fix it), model, timeout, internal
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
+    outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
+
+
+class OutputKind(str, enum.Enum):
+    """Kinds of result objects a job produces."""
+
+    SEG = "SEG"
+    SEG_LABELMAP = "SEG_LABELMAP"
+    SR = "SR"
+    KEY_IMAGE = "KEY_IMAGE"
+    NOTICE = "NOTICE"
+
+
+class Output(Base):
+    """A DICOM object the node produced for a job, stored in the file store."""
+
+    __tablename__ = "output"
+    __table_args__ = (Index("ix_output_study_live", "study_id", "superseded_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    kind: Mapped[OutputKind] = mapped_column(_enum(OutputKind))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(256))
+    png_path: Mapped[str | None] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    superseded_at: Mapped[datetime | None]
+    superseded_by_job_id: Mapped[int | None] = mapped_column(Integer)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")

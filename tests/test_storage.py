@@ -36,7 +36,7 @@ def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
     tables = set(inspect(db.engine).get_table_names())
     assert {"study", "series", "instance", "job", "alembic_version"} <= tables
     with db.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
     db.dispose()
 
 

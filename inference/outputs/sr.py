@@ -1,0 +1,404 @@
+"""The TID 1500 measurement report: a Comprehensive 3D SR referencing the SEG.
+
+One Volumetric ROI group (TID 1411) per manifest label, in ascending label
+order, each referencing its SEG segment (segment numbers 1..N in ascending label
+value, the convention :mod:`inference.outputs.seg` follows) and the source series
+it was segmented on. A group carries:
+
+* a tracking identifier (the label name) with a deterministic Tracking UID,
+* the finding category and type (the label's segmented property category/type),
+* a finding site with laterality (SNOMED Left / Right) for lateralised labels,
+* the algorithm identification (name, version, family "Artificial Intelligence"),
+* measurements: Volume in mL (SCT 118565006), the mean of each input role named
+  in ``measure_mean_of`` (derivation SCT "Mean"), and for ``count_components``
+  labels the Number of lesions (SCT 246206008).
+
+For ``count_components`` labels every connected component also gets a group of
+its own ("lesion 1", "lesion 2", ... with its volume), referencing the same
+segment. Those groups follow the label's own group, so the first group that
+references a segment is always the whole segment (what :func:`volumes_from_sr`
+reads). Labels without voxels still get their group, with volume 0.
+
+Demo models say so in the algorithm name, a comment in the report and the
+Series Description.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SegmentationStorage,
+)
+
+from inference.errors import InferenceError
+from inference.manifest import Code, LabelSpec, Manifest
+from inference.outputs.common import (
+    DEMO_WARNING,
+    MANUFACTURER,
+    ResultIdentity,
+    copy_study_attributes,
+    derived_uid,
+    software_versions,
+)
+
+__all__ = ["DEVICE_NAME", "ReportError", "build_sr", "label_segment_numbers", "volumes_from_sr"]
+
+logger = logging.getLogger(__name__)
+
+#: Device Observer Name of every report the node writes.
+DEVICE_NAME = MANUFACTURER
+
+_VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
+_MEAN = hd.sr.CodedConcept("373098007", "SCT", "Mean")
+_NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
+_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+_LESIONS = hd.sr.CodedConcept("{lesions}", "UCUM", "lesions")
+_LEFT = hd.sr.CodedConcept("7771000", "SCT", "Left")
+_RIGHT = hd.sr.CodedConcept("24028007", "SCT", "Right")
+_AI = hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+_ANATOMICAL_STRUCTURE = "91723000"
+#: Segmentation Storage and Label Map Segmentation Storage (binary/fractional and label map SEGs)
+_SEG_CLASSES = (SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7")
+#: CID 100 Quantitative Diagnostic Imaging Procedures, by source modality.
+_PROCEDURES = {
+    "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+}
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+#: Concept names of means of inputs the node knows (CID 7469); others are named "Mean".
+_MEAN_CONCEPTS = {
+    "qsm": hd.sr.CodedConcept("126396", "DCM", "Magnetic Susceptibility"),
+    "adc": hd.sr.CodedConcept("113041", "DCM", "Apparent Diffusion Coefficient"),
+}
+_UNIT_MEANINGS = {
+    "1": "no units",
+    "[ppb]": "parts per billion",
+    "[ppm]": "parts per million",
+    "um2/s": "um2/s",
+    "mm2/s": "mm2/s",
+    "10-6.mm2/s": "10^-6 mm2/s",
+    "[hnsf'U]": "Hounsfield unit",
+    "%": "percent",
+}
+#: mL per unit of a volume measurement read back by :func:`volumes_from_sr`.
+_ML_PER = {"ml": 1.0, "mL": 1.0, "cm3": 1.0, "mm3": 1e-3, "l": 1e3, "L": 1e3}
+
+
+class ReportError(InferenceError, ValueError):
+    """The SEG, sources or metrics handed to the SR builder do not fit together."""
+
+
+def label_segment_numbers(manifest: Manifest) -> dict[int, int]:
+    """Label value -> SEG segment number: ascending label values numbered 1..N.
+
+    The same convention as ``inference.outputs.seg.segment_numbers``.
+    """
+    return {value: number for number, value in enumerate(sorted(manifest.labels), start=1)}
+
+
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _unit(code: str | None) -> hd.sr.CodedConcept:
+    code = code or "1"
+    return hd.sr.CodedConcept(code, "UCUM", _UNIT_MEANINGS.get(code, code))
+
+
+def _procedure(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
+    modalities = {str(ds.get("Modality", "")) for ds in sources}
+    if len(modalities) == 1:
+        return _PROCEDURES.get(modalities.pop(), _IMAGING_PROCEDURE)
+    return _IMAGING_PROCEDURE
+
+
+def _laterality(spec: LabelSpec) -> hd.sr.CodedConcept | None:
+    if spec.laterality == "left":
+        return _LEFT
+    if spec.laterality == "right":
+        return _RIGHT
+    if spec.modifier is not None and spec.modifier.scheme == "SCT" and spec.modifier.value in {"7771000", "24028007"}:
+        return _concept(spec.modifier)
+    return None
+
+
+def _finding_sites(spec: LabelSpec) -> list[hd.sr.FindingSite] | None:
+    laterality = _laterality(spec)
+    if laterality is None and spec.category.value != _ANATOMICAL_STRUCTURE:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=_concept(spec.type), laterality=laterality)]
+
+
+def _source_series_uid(seg: Dataset, sources: Sequence[Dataset]) -> str:
+    if "ReferencedSeriesSequence" in seg and len(seg.ReferencedSeriesSequence) > 0:
+        return str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    return str(sources[0].SeriesInstanceUID)
+
+
+def _check_inputs(seg: Dataset, sources: Sequence[Dataset], metrics: Mapping[str, Any], manifest: Manifest) -> None:
+    if not sources:
+        raise ReportError("build_sr needs the source images the segmentation was made on; none were given")
+    if seg.get("SOPClassUID") not in _SEG_CLASSES:
+        raise ReportError(
+            f"build_sr needs a DICOM SEG (SOP Class {' or '.join(_SEG_CLASSES)}); "
+            f"got SOP Class {seg.get('SOPClassUID')!r}"
+        )
+    study = sources[0].StudyInstanceUID
+    if seg.StudyInstanceUID != study:
+        raise ReportError(
+            f"SEG {seg.SOPInstanceUID} belongs to study {seg.StudyInstanceUID}, the sources to {study}; "
+            "an SR can only report on a SEG of the same study"
+        )
+    present = {int(item.SegmentNumber) for item in seg.get("SegmentSequence", [])}
+    wanted = label_segment_numbers(manifest)
+    missing = sorted(f"{manifest.labels[v].name} (segment {n})" for v, n in wanted.items() if n not in present)
+    if missing:
+        raise ReportError(
+            f"SEG {seg.SOPInstanceUID} has no segment for {', '.join(missing)}; the SEG must list every "
+            f"label of model {manifest.name} (empty ones included), numbered 1..N in ascending label value"
+        )
+    labels = metrics.get("labels")
+    if not isinstance(labels, Mapping):
+        raise ReportError("metrics has no 'labels' mapping; pass the metrics of ModelRunner.measure")
+    absent = [spec.name for value, spec in sorted(manifest.labels.items()) if str(value) not in labels]
+    if absent:
+        raise ReportError(f"metrics has no entry for label(s) {', '.join(absent)} of model {manifest.name}")
+
+
+def _series_description(pipeline: str, demo: bool) -> str:
+    base = f"AI {pipeline} SR"
+    if demo and len(base) + 3 + len(DEMO_WARNING) <= 64:
+        return f"{base} - {DEMO_WARNING}"
+    return base[:64]
+
+
+def build_sr(
+    seg: Dataset,
+    sources: Sequence[Dataset],
+    metrics: Mapping[str, Any],
+    manifest: Manifest,
+    identity: ResultIdentity,
+    *,
+    pipeline: str,
+    node_version: str,
+    series_number: int = 9002,
+) -> Dataset:
+    """Build the TID 1500 measurement report of one job.
+
+    Args:
+        seg: the job's DICOM SEG (segments 1..N in ascending label value, every
+            manifest label present, empty ones included).
+        sources: the source images the SEG was made on (they join the evidence
+            and give patient and study attributes, character set included).
+        metrics: ``ModelRunner.measure`` output (``labels`` keyed by label value as text).
+        manifest: the model's manifest (label codes, laterality, means, counts).
+        identity: the job's result identity (SR UIDs, tracking UIDs).
+        pipeline: the pipeline name (Series Description ``AI <pipeline> SR``).
+        node_version: the node's version (Software Versions).
+        series_number: Series Number of the SR series.
+
+    Returns:
+        A Comprehensive 3D SR dataset (a :class:`highdicom.sr.Comprehensive3DSR`).
+
+    Raises:
+        ReportError: ``seg`` is not a SEG, belongs to another study or lacks a
+            label's segment, ``sources`` is empty, or ``metrics`` lacks a label.
+    """
+    _check_inputs(seg, sources, metrics, manifest)
+    demo = manifest.demo
+    numbers = label_segment_numbers(manifest)
+    source_series = hd.sr.SourceSeriesForSegmentation(_source_series_uid(seg, sources))
+    algorithm_name = f"{manifest.name} ({DEMO_WARNING})" if demo else manifest.name
+    parameters = [f"pipeline: {pipeline}", f"node: {MANUFACTURER} {node_version}"]
+
+    def algorithm(*params: str) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(
+            name=algorithm_name, version=manifest.version, family=_AI, parameters=list(params) or None
+        )
+
+    def referenced_segment(number: int) -> hd.sr.ReferencedSegment:
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=source_series,
+        )
+
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    for value, spec in sorted(manifest.labels.items()):
+        entry = metrics["labels"][str(value)]
+        number = numbers[value]
+        sites = _finding_sites(spec)
+        measurements = [
+            hd.sr.Measurement(name=_VOLUME, value=float(entry["volume_ml"]), unit=_ML, algorithm_id=algorithm())
+        ]
+        for role in spec.measure_mean_of:
+            mean = (entry.get("mean") or {}).get(role)
+            if mean is None:
+                logger.debug("label %s: no mean of %s (empty label or input absent)", spec.name, role)
+                continue
+            measurements.append(
+                hd.sr.Measurement(
+                    name=_MEAN_CONCEPTS.get(role.lower(), _MEAN),
+                    value=float(mean),
+                    unit=_unit(entry.get("mean_unit") or spec.mean_unit),
+                    derivation=_MEAN,
+                    algorithm_id=algorithm(f"mean of input: {role}"),
+                )
+            )
+        components: list[float] = []
+        if spec.count_components:
+            components = [float(v) for v in entry.get("components_ml", [])]
+            count = int(entry.get("count", len(components)))
+            measurements.append(
+                hd.sr.Measurement(name=_NUMBER_OF_LESIONS, value=count, unit=_LESIONS, algorithm_id=algorithm())
+            )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid(identity.key, "SR", "tracking", str(value)), identifier=spec.name
+                ),
+                referenced_segment=referenced_segment(number),
+                finding_category=_concept(spec.category),
+                finding_type=_concept(spec.type),
+                finding_sites=sites,
+                algorithm_id=algorithm(*parameters),
+                measurements=measurements,
+            )
+        )
+        for k, volume in enumerate(components, start=1):
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=derived_uid(identity.key, "SR", "tracking", str(value), "component", str(k)),
+                        identifier=f"lesion {k}",
+                    ),
+                    referenced_segment=referenced_segment(number),
+                    finding_category=_concept(spec.category),
+                    finding_type=_concept(spec.type),
+                    finding_sites=sites,
+                    algorithm_id=algorithm(*parameters),
+                    measurements=[hd.sr.Measurement(name=_VOLUME, value=volume, unit=_ML, algorithm_id=algorithm())],
+                )
+            )
+
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        # the device is the node running this model: stable across studies
+        uid=derived_uid(MANUFACTURER, "device", identity.pipeline, identity.model_name, identity.model_version),
+        name=DEVICE_NAME,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{manifest.name} {manifest.version}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=_procedure(sources),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    if demo:
+        # TID 1500 row "Qualitative Evaluations": free-text evaluations of the report
+        evaluations = hd.sr.ContainerContentItem(
+            name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        evaluations.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.TextContentItem(
+                    name=_COMMENT,
+                    value=f"{DEMO_WARNING}: measurements by demo model {manifest.name} {manifest.version}",
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            ]
+        )
+        report[0].ContentSequence.append(evaluations)
+
+    reference = sources[0]
+    evidence: list[Dataset] = [seg]
+    seen = {str(seg.SOPInstanceUID)}
+    for ds in sources:
+        if str(ds.SOPInstanceUID) not in seen:
+            seen.add(str(ds.SOPInstanceUID))
+            evidence.append(ds)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=identity.series_uid("SR"),
+        series_number=series_number,
+        sop_instance_uid=identity.instance_uid("SR"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        series_description=_series_description(pipeline, demo),
+        manufacturer_model_name=f"{manifest.name} {manifest.version}"[:64],
+        # copied verbatim below (highdicom refuses a valid "\\ISO 2022 IR 87" form)
+        specific_character_set=None,
+    )
+    copy_study_attributes(reference, sr)
+    sr.add_new(0x00181020, "LO", software_versions(manifest.name, manifest.version, node_version))  # Software Versions
+    logger.info(
+        "SR %s built for model %s %s: %d measurement groups",
+        sr.SOPInstanceUID,
+        manifest.name,
+        manifest.version,
+        len(groups),
+    )
+    return sr
+
+
+def volumes_from_sr(sr: Dataset) -> dict[int, float]:
+    """Segment number -> volume in mL, read from a TID 1500 report.
+
+    The first Volumetric ROI group that references a segment counts (in the
+    node's reports, the whole segment; per-lesion groups follow it).
+
+    Raises:
+        ReportError: ``sr`` is not a TID 1500 Comprehensive (3D) or Enhanced SR.
+    """
+    if isinstance(sr, hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR):
+        document = sr
+    else:
+        classes: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR]] = {
+            Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
+            ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
+            EnhancedSRStorage: hd.sr.EnhancedSR,
+        }
+        cls = classes.get(str(sr.get("SOPClassUID", "")))
+        if cls is None:
+            raise ReportError(f"not an Enhanced or Comprehensive (3D) SR: SOP Class {sr.get('SOPClassUID')!r}")
+        try:
+            document = cast(Any, cls).from_dataset(sr)
+        except (ValueError, AttributeError) as exc:
+            raise ReportError(f"SR {sr.get('SOPInstanceUID')} cannot be read: {exc}") from exc
+    content = document.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ReportError(f"SR {sr.get('SOPInstanceUID')} is not a TID 1500 measurement report")
+    volumes: dict[int, float] = {}
+    for group in content.get_volumetric_roi_measurement_groups():
+        segment = group.referenced_segment
+        if segment is None:
+            continue
+        number = int(segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+        if number in volumes:
+            continue
+        for measurement in group.get_measurements(name=_VOLUME):
+            factor = _ML_PER.get(measurement.unit.value)
+            if factor is not None:
+                volumes[number] = float(measurement.value) * factor
+                break
+    return volumes
