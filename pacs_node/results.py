@@ -66,11 +66,10 @@ def build_outputs(
     ``result`` is an :class:`inference.pipeline.SegmentationResult`; ``inputs``
     the datasets the job read, by role.
     """
-    from inference.outputs.keyimage import build_key_image_sc, png_bytes, render_key_image
+    from inference.outputs.common import ResultIdentity
+    from inference.outputs.keyimage import build_key_image_sc, compose_key_image, png_bytes
     from inference.outputs.seg import build_seg
     from inference.outputs.sr import build_sr
-
-    from inference.outputs.common import ResultIdentity
 
     out = settings.outputs
     identity = ResultIdentity.of(
@@ -110,7 +109,7 @@ def build_outputs(
     built.append(BuiltOutput(OutputKind.SR, sr))
     if out.key_image:
         image = result.channels[manifest.reference]
-        rgb = render_key_image(
+        key = compose_key_image(
             image,
             result.labels,
             manifest,
@@ -119,7 +118,7 @@ def build_outputs(
             demo=manifest.demo,
         )
         sc = build_key_image_sc(
-            rgb,
+            key,
             sources,
             identity,
             pipeline=job.pipeline,
@@ -127,7 +126,7 @@ def build_outputs(
             node_version=__version__,
             series_number=out.key_image_series_number,
         )
-        built.append(BuiltOutput(OutputKind.KEY_IMAGE, sc, png=png_bytes(rgb)))
+        built.append(BuiltOutput(OutputKind.KEY_IMAGE, sc, png=png_bytes(key)))
     return built
 
 
@@ -208,10 +207,10 @@ def emit_notices(settings: Settings, db: Database, store: FileStore) -> int:
 
     Returns the number of notices written. Idempotent: a job gets one notice.
     """
-    from inference.outputs.notice import build_not_processed_notice
     from pydicom import dcmread
 
     from inference.outputs.common import ResultIdentity
+    from inference.outputs.notice import build_not_processed_notice
     from storage.models import Instance, JobState, Series
 
     routes = {r.name: r for r in settings.routes if r.not_processed_notice}

@@ -187,3 +187,18 @@ def tiny_nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_nnunet")
     build_tiny_nnunet(root, seed=0)
     return root
+
+
+def dciodvfy(path: Path | str) -> str:
+    """Run dicom3tools' validator on a file; fail on any Error line (warnings allowed).
+
+    Returns the report. Skips where dciodvfy is missing, except in CI.
+    """
+    import subprocess
+
+    exe = require_program("dciodvfy")
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, errors="replace", timeout=60)
+    report = proc.stdout + proc.stderr
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    assert not errors, f"dciodvfy reports errors for {path}:\n{report}"
+    return report

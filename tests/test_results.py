@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import pytest
 import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
+from inference.outputs.sr import volumes_from_sr
+from inference.volume import volume_from_datasets
 from pacs_node.config import Settings
 from pacs_node.results import emit_notices
 from pacs_node.synthetic import make_oriented_series
 from pacs_node.worker import RunnerCache, claim_next, execute_job
 from storage.models import Job, JobState, Output, OutputKind
+from tests.conftest import dciodvfy
 from tests.model_packages import two_spheres
 from tests.test_router import Harness
 
@@ -77,6 +81,16 @@ def test_done_job_stores_seg_sr_and_key_image_in_the_source_study(
         assert hd.seg.segread(h.store.path(by_kind[OutputKind.SEG_LABELMAP].path)).SegmentationType == "LABELMAP"
         sr = hd.sr.srread(h.store.path(by_kind[OutputKind.SR].path))
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+        for kind in (OutputKind.SEG, OutputKind.SR, OutputKind.KEY_IMAGE):
+            dciodvfy(h.store.path(by_kind[kind].path))
+        # The SR's volumes are the SEG's voxel counts times the voxel volume (within 0.1 %).
+        volume = volume_from_datasets(series)
+        sr_volumes = volumes_from_sr(sr)
+        for number in (1, 2):
+            voxels = int(seg.get_pixels_by_source_instance(
+                [(s.SOPInstanceUID) for s in series], segment_numbers=[number]
+            ).sum())  # fmt: skip
+            assert sr_volumes[number] == pytest.approx(voxels * volume.voxel_volume_ml, rel=1e-3)
         png = by_kind[OutputKind.KEY_IMAGE].png_path
         assert png and (h.settings.data_dir / png).read_bytes().startswith(b"\x89PNG")
 

@@ -8,7 +8,6 @@ series; the metrics come from the real ``ModelRunner.measure``.
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from inference.outputs.sr import ReportError, build_sr, label_segment_numbers, v
 from inference.pipeline import ModelRunner
 from inference.volume import Volume, volume_from_datasets
 from pacs_node.synthetic import make_series
+from tests.conftest import dciodvfy
 
 PIPELINE = "dentate"
 SPACING = (0.8, 0.8, 2.5)  # column, row, slice (mm)
@@ -209,17 +209,9 @@ def _segment_number(group: Any) -> int:
 
 
 def _dciodvfy(ds: Dataset, tmp_path: Path, name: str) -> None:
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (dicom3tools) is required in CI but was not found on PATH")
-        pytest.skip("dciodvfy (dicom3tools) not installed")
     path = tmp_path / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, errors="replace", timeout=60)
-    output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("Error")]
-    assert not errors, f"dciodvfy reports errors for {name}:\n{output}"
+    dciodvfy(path)
     # dcmtk's SR reader checks the content tree's relationship constraints, when installed
     dsrdump = shutil.which("dsrdump")
     if dsrdump is not None:

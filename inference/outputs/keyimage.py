@@ -463,11 +463,13 @@ def compose_key_image(
     draw.text((_MARGIN, y), title, font=fonts["title"], fill=_TEXT)
     y += title_h
     right_letter, down_letter = _letter(view.right), _letter(view.down)
-    left_letter, up_letter = _letter(-view.right), _letter(-view.down)
+    # burned-in markers use the S/I that viewers show; PatientOrientation keeps DICOM's H/F
+    shown = {"H": "S", "F": "I"}
+    left_letter, up_letter = (shown.get(c, c) for c in (_letter(-view.right), _letter(-view.down)))
     convention = "radiological view" if view.plane != "sagittal" else "anterior on the left"
     subtitle = (
         f"{len(chosen)} key {view.plane} slice{'s' if len(chosen) != 1 else ''} of {image.shape[0]} "
-        f"({convention}: patient {right_letter} on the image's right); "
+        f"({convention}: patient {shown.get(right_letter, right_letter)} on the image's right); "
         "outlines and fill from the automated segmentation"
     )
     draw.text((_MARGIN, y), subtitle, font=fonts["small"], fill=_MUTED)
@@ -492,7 +494,7 @@ def compose_key_image(
         font = fonts["small"]
         for letter, xy, anchor in (
             (left_letter, (left + 4, top + img_h / 2), "lm"),
-            (right_letter, (left + img_w - 4, top + img_h / 2), "rm"),
+            (shown.get(right_letter, right_letter), (left + img_w - 4, top + img_h / 2), "rm"),
             (up_letter, (left + img_w / 2, top + 4), "mt"),
         ):
             draw.text(xy, letter, font=font, fill=_TEXT, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
@@ -655,6 +657,10 @@ def build_key_image_sc(
     sc.SecondaryCaptureDeviceManufacturerModelName = manifest.name[:64]
     sc.SecondaryCaptureDeviceSoftwareVersions = software_versions(manifest.name, manifest.version, node_version)
     sc.BurnedInAnnotation = "YES"
+    if ref.get("Laterality"):  # Type 2C: the source's, else present and empty (the panels may show both sides)
+        sc.Laterality = ref.Laterality
+    elif "Laterality" not in sc:
+        sc.add_new("Laterality", "CS", None)
     description = (
         f"Key image of the {pipeline} segmentation by {manifest.name} {manifest.version}: overlay and legend burned in"
     )
