@@ -72,7 +72,9 @@ sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != 
 
 from inference.manifest import Manifest  # noqa: E402
 from inference.outputs.common import ResultIdentity  # noqa: E402
+from inference.outputs.keyimage import build_key_image_sc, compose_key_image, png_bytes  # noqa: E402
 from inference.outputs.seg import build_seg, segment_numbers  # noqa: E402
+from inference.outputs.sr import build_sr  # noqa: E402
 from inference.volume import Volume, volume_from_datasets  # noqa: E402
 from pacs_node.synthetic import make_series, new_uid, write_series  # noqa: E402
 
@@ -207,6 +209,38 @@ def node_case(paths: Sequence[Path], labels: Volume, m: Manifest, out: Path, seg
     return total, read, out.stat().st_size
 
 
+def sr_and_key_image_case(
+    paths: Sequence[Path], seg_path: Path, image: Volume, labels: Volume, m: Manifest
+) -> tuple[float, float]:
+    """Seconds to build the TID 1500 SR and the key image (SC + PNG) once the SEG exists.
+
+    The image volume is already in memory in a worker (it was the model's input),
+    so only building is timed.
+    """
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    seg = pydicom.dcmread(seg_path)
+    identity = ResultIdentity.of((str(ds.SOPInstanceUID) for ds in sources), "bench", m.name, m.version)
+    counts = np.bincount(labels.array.ravel(), minlength=6)
+    voxel_ml = labels.voxel_volume_ml
+    metrics = {
+        "voxel_volume_ml": voxel_ml,
+        "labels": {
+            str(v): {"name": spec.name, "voxels": int(counts[v]), "volume_ml": float(counts[v] * voxel_ml)}
+            for v, spec in m.labels.items()
+        },
+    }
+    start = time.perf_counter()
+    sr = build_sr(seg, sources, metrics, m, identity, pipeline="bench", node_version="bench")
+    sr.save_as(seg_path.with_name("sr.dcm"), enforce_file_format=True)
+    sr_s = time.perf_counter() - start
+    start = time.perf_counter()
+    key = compose_key_image(image, labels, m, metrics, title="bench", demo=True)
+    sc = build_key_image_sc(key, sources, identity, pipeline="bench", manifest=m, node_version="bench")
+    sc.save_as(seg_path.with_name("sc.dcm"), enforce_file_format=True)
+    seg_path.with_name("key.png").write_bytes(png_bytes(key))
+    return sr_s, time.perf_counter() - start
+
+
 def dcmqi_case(tool: Path, series_dir: Path, nrrd: Path, meta: Path, out: Path) -> tuple[float, int]:
     cmd = [
         str(tool),
@@ -265,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"writing {args.slices} CT instances {args.size}x{args.size} to {series_dir} ...", flush=True)
         paths, image = make_sources(series_dir, args.slices, args.size)
         labels = image.with_array(label_array(image.shape))
-        del image
+
         m = manifest()
         counts = np.bincount(labels.array.ravel(), minlength=6)
         print("label voxels: " + ", ".join(f"{k}: {int(counts[k])}" for k in range(1, 6)))
@@ -309,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"node LABELMAP: {labelmap:6.2f} s  {sizes['labelmap']:>11,d} bytes")
         print(f"dcmqi        : {dcmqi_med:6.2f} s  {sizes['dcmqi']:>11,d} bytes  (+{nrrd_s:.2f} s NRRD write, untimed)")
 
+        sr_s, key_s = sr_and_key_image_case(paths, outs["node"], image, labels, m)
+        print(f"then TID 1500 SR: {sr_s:.2f} s, key image (SC + PNG): {key_s:.2f} s  (target: both under 2 s)")
+
         for what, path in outs.items():
             seg = check_seg(path, labels, what)
             print(f"check {what}: segread OK, {seg.SegmentationType}, {int(seg.NumberOfFrames)} frames, matches labels")
@@ -325,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "node_bytes": sizes["node"],
                     "dcmqi_bytes": sizes["dcmqi"],
                     "labelmap_bytes": sizes["labelmap"],
+                    "sr_s": round(sr_s, 3),
+                    "key_image_s": round(key_s, 3),
                     "nrrd_write_s": round(nrrd_s, 3),
                     "node_cold_s": round(node_cold, 3),
                     "node_runs_s": [round(v, 3) for v in node_s],

@@ -5,8 +5,18 @@ A stage names one results folder (``Trainer__Plans__configuration``) or several
 folds to use and the checkpoint name. Each folder gets one predictor, loaded
 once; every prediction goes through nnU-Net's own preprocessing (cropping,
 normalisation, resampling to the training spacing), sliding-window inference
-(Gaussian weighting, mirroring) and resampling back, so results match
-``nnUNetv2_predict`` on the same image.
+(nnU-Net's tiles, Gaussian weighting, mirroring, fold averaging) and resampling
+back, so results match ``nnUNetv2_predict`` on the same image (Dice >= 0.99 in
+the tests; identical labels on the benchmark's cases).
+
+Two steps are done by the node rather than by nnU-Net's functions, for speed
+(``benchmarks/inference.py``): on the CPU the sliding window feeds several
+patches per network call (nnU-Net feeds one; on CUDA nnU-Net's own loop runs),
+and the export (logits resampled back to the input shape, softmax, cropping and
+transpose reverted) runs in float32 torch, where nnU-Net resamples with scipy /
+skimage in float64 (nnU-Net issue 2912). The default probability resampling
+(linear; nearest along a separately resampled anisotropic axis) is done by
+nnU-Net's own torch equivalent; other resampling functions run as configured.
 
 Inputs and outputs are arrays on the caller's grid, axes (channel, z, y, x), the
 order nnU-Net's SimpleITK reader produces. When the manifest gives an
@@ -24,6 +34,7 @@ import contextlib
 import io
 import logging
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +60,10 @@ _PP_ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("_codecs", "encode"),
 }
+#: on the CPU, up to this many sliding-window patches go through the network in one call ...
+_CPU_MAX_BATCH = 8
+#: ... and at most this many voxels (patches x patch voxels): a large patch goes alone
+_CPU_BATCH_VOXELS = 2**17
 
 
 @contextlib.contextmanager
@@ -161,6 +176,30 @@ def _load_postprocessing(path: Path) -> tuple[list[Callable[..., np.ndarray]], l
     ):
         raise ModelPackageError(f"{path}: not an nnU-Net postprocessing.pkl (expected (functions, kwargs) lists)")
     return list(loaded[0]), [dict(k) for k in loaded[1]]
+
+
+def _resample_probabilities(config: Any, logits: torch.Tensor, shape: list[int], current_spacing: list[float],
+                            new_spacing: list[float]) -> torch.Tensor:
+    """The plans' ``resampling_fn_probabilities`` applied to float32 logits (c, z, y, x), in torch where it is
+    nnU-Net's default: ``resample_data_or_seg_to_shape`` with ``order=1`` (linear; along an anisotropic axis
+    resampled separately, ``order_z`` 0 = nearest or 1 = linear), as nnU-Net's ``resample_torch_fornnunet``."""
+    from nnunetv2.configuration import ANISO_THRESHOLD
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    name = config.configuration.get("resampling_fn_probabilities")
+    kwargs = dict(config.configuration.get("resampling_fn_probabilities_kwargs") or {})
+    if name == "resample_data_or_seg_to_shape" and not kwargs.get("is_seg", False) \
+            and kwargs.get("order", 3) == 1 and kwargs.get("order_z", 0) in (0, 1):
+        return resample_torch_fornnunet(
+            logits, shape, current_spacing, new_spacing, is_seg=False, num_threads=torch.get_num_threads(),
+            device=torch.device("cpu"), force_separate_z=kwargs.get("force_separate_z", False),
+            separate_z_anisotropy_threshold=kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
+            mode="linear", aniso_axis_mode="nearest-exact" if kwargs.get("order_z", 0) == 0 else "linear",
+        )
+    out = config.resampling_fn_probabilities(logits, shape, current_spacing, new_spacing)
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def _fold_dir(fold: int | str) -> str:
@@ -374,18 +413,8 @@ class NnUNetStage(StagePredictor):
         """Average of the ensemble members' probabilities, on ``device`` (the stage's, or the CPU fallback)."""
         total: np.ndarray | None = None
         for folder, predictor in zip(self.folders, self._predictors, strict=True):
-            saved = predictor.device, predictor.perform_everything_on_device
-            if device != predictor.device:
-                # nnU-Net moves the network to predictor.device at every call
-                predictor.device, predictor.perform_everything_on_device = device, False
-            try:
-                with torch.inference_mode(), _quiet(f"predicting with {folder}"):
-                    _, proba = predictor.predict_single_npy_array(
-                        image, {"spacing": list(spacing_zyx)}, None, None, save_or_return_probabilities=True
-                    )
-            finally:
-                predictor.device, predictor.perform_everything_on_device = saved
-            proba = np.asarray(proba, dtype=np.float32)
+            with torch.inference_mode(), _quiet(f"predicting with {folder}"):
+                proba = self._member_proba(predictor, image, spacing_zyx, device)
             if total is None:
                 total = proba
             else:
@@ -394,6 +423,122 @@ class NnUNetStage(StagePredictor):
         if len(self._predictors) > 1:
             total /= len(self._predictors)
         return total
+
+    def _member_proba(self, predictor: Any, image: np.ndarray, spacing_zyx: tuple[float, float, float],
+                      device: torch.device) -> np.ndarray:
+        """One results folder's probabilities (num_classes, z, y, x), float32, on the input grid.
+
+        The steps of nnU-Net's ``predict_single_npy_array``: nnU-Net's own preprocessing (crop to
+        nonzero, normalisation, resampling to the target spacing); its sliding window, batched on the
+        CPU (:meth:`_logits_cpu`); then its export (resampling back, softmax, cropping reverted,
+        transpose reverted) done in torch (:meth:`_export`) instead of with scipy in float64.
+        """
+        plans, config = predictor.plans_manager, predictor.configuration_manager
+        t0 = time.perf_counter()
+        data, _, props = config.preprocessor_class(verbose=False).run_case_npy(
+            image, None, {"spacing": list(spacing_zyx)}, plans, config, predictor.dataset_json
+        )
+        data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        t_pre = time.perf_counter()
+        if device.type == "cpu":
+            logits = self._logits_cpu(predictor, data)
+        else:
+            saved = predictor.device, predictor.perform_everything_on_device
+            if device != predictor.device:
+                # nnU-Net moves the network to predictor.device at every call
+                predictor.device, predictor.perform_everything_on_device = device, False
+            try:
+                logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+            finally:
+                predictor.device, predictor.perform_everything_on_device = saved
+        del data
+        logger.debug("nnU-Net member: preprocessing %.2f s, network %.2f s, on a grid of %s",
+                     t_pre - t0, time.perf_counter() - t_pre, tuple(logits.shape[1:]))
+        owned = [logits]  # _export takes it over, so that it is freed as soon as it is resampled
+        del logits
+        return self._export(predictor, owned, props)
+
+    @staticmethod
+    def _logits_cpu(predictor: Any, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's sliding window (``predict_logits_from_preprocessed_data``) on the CPU, several
+        patches per network call.
+
+        Same tiles (nnU-Net's own slicers on nnU-Net's padding), Gaussian weights, mirroring and
+        fold averaging as nnU-Net; logits accumulated in float32 (nnU-Net: float16). nnU-Net feeds one
+        patch at a time; on a CPU a small network spends most of such a call in per-call overhead,
+        so up to ``_CPU_MAX_BATCH`` patches (at most ``_CPU_BATCH_VOXELS`` voxels) go in together.
+        """
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+        cpu = torch.device("cpu")
+        network = predictor.network.to(cpu)  # nnU-Net moves it to the predictor's device at every call
+        network.eval()
+        patch = tuple(int(p) for p in predictor.configuration_manager.patch_size)
+        padded, revert_padding = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+        slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+        gaussian = (
+            compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32, device=cpu)
+            if predictor.use_gaussian else None
+        )
+        weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
+        for sl in slicers:
+            weights[sl[1:]] += 1.0 if gaussian is None else gaussian
+        batch = max(1, min(_CPU_MAX_BATCH, _CPU_BATCH_VOXELS // max(1, int(np.prod(patch)))))
+        n_classes = int(predictor.label_manager.num_segmentation_heads)
+        folds = predictor.list_of_parameters
+        total: torch.Tensor | None = None
+        for params in folds:
+            if len(folds) > 1:
+                getattr(network, "_orig_mod", network).load_state_dict(params)
+            logits = torch.zeros((n_classes, *padded.shape[1:]), dtype=torch.float32)
+            for start in range(0, len(slicers), batch):
+                chunk = slicers[start:start + batch]
+                pred = predictor._internal_maybe_mirror_and_predict(torch.stack([padded[sl] for sl in chunk]))
+                if gaussian is not None:
+                    pred *= gaussian
+                for sl, p in zip(chunk, pred, strict=True):
+                    logits[sl] += p
+            logits /= weights
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("the network produced non-finite logits")
+            if total is None:
+                total = logits
+            else:
+                total += logits
+        assert total is not None
+        if len(folds) > 1:
+            total /= len(folds)
+        return total[(slice(None), *revert_padding[1:])]
+
+    @staticmethod
+    def _export(predictor: Any, owned_logits: list[torch.Tensor], props: dict[str, Any]) -> np.ndarray:
+        """nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` (probabilities), in torch.
+
+        Logits on the preprocessed grid -> resampled to the cropped input shape -> softmax -> cropping
+        reverted (background 1 outside the box) -> transpose reverted. nnU-Net's default probability
+        resampling (skimage order 1, nearest along a separate anisotropic axis, in float64) is done by
+        nnU-Net's own torch equivalent ``resample_torch_fornnunet`` in float32; any other resampling
+        function the plans name is called as nnU-Net would. ``owned_logits`` holds the logits, which
+        are taken out of it.
+        """
+        t0 = time.perf_counter()
+        plans, config, labels = predictor.plans_manager, predictor.configuration_manager, predictor.label_manager
+        shape = [int(v) for v in props["shape_after_cropping_and_before_resampling"]]
+        spacing_t = [float(props["spacing"][i]) for i in plans.transpose_forward]
+        current = list(config.spacing) if len(config.spacing) == len(shape) else [spacing_t[0], *config.spacing]
+        logits = owned_logits.pop().float()
+        if list(logits.shape[1:]) != shape:
+            logits = _resample_probabilities(config, logits, shape, current, spacing_t)
+        probs = labels.apply_inference_nonlin(logits)
+        del logits
+        if [int(v) for v in props["shape_before_cropping"]] != shape:
+            probs = labels.revert_cropping_on_probabilities(
+                probs, props["bbox_used_for_cropping"], props["shape_before_cropping"]
+            )
+        out = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, dtype=np.float32)
+        logger.debug("nnU-Net member: export to %s in %.2f s", tuple(out.shape[1:]), time.perf_counter() - t0)
+        return out.transpose([0, *[i + 1 for i in plans.transpose_backward]])
 
     def predict_proba(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
                       ) -> np.ndarray:
