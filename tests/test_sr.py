@@ -24,7 +24,8 @@ from pydicom.sr.codedict import codes
 from inference.manifest import Manifest
 from inference.outputs.common import DEMO_WARNING, MANUFACTURER, ResultIdentity, derived_uid
 from inference.outputs.notice import build_not_processed_notice
-from inference.outputs.sr import ReportError, build_sr, label_segment_numbers, volumes_from_sr
+from inference.outputs.seg import segment_numbers
+from inference.outputs.sr import ReportError, build_sr, volumes_from_sr
 from inference.pipeline import ModelRunner
 from inference.volume import Volume, volume_from_datasets
 from pacs_node.synthetic import make_series
@@ -122,7 +123,7 @@ def _labels(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _seg(sources: Sequence[Dataset], labels: Volume, manifest: Manifest) -> Dataset:
-    numbers = label_segment_numbers(manifest)
+    numbers = segment_numbers(manifest)
     segment_map = np.zeros(labels.shape, dtype=np.uint8)
     for value, number in numbers.items():
         segment_map[labels.array == value] = number

@@ -49,8 +49,9 @@ from inference.outputs.common import (
     derived_uid,
     software_versions,
 )
+from inference.outputs.seg import LATERALITY_CODES, segment_numbers
 
-__all__ = ["DEVICE_NAME", "ReportError", "build_sr", "label_segment_numbers", "volumes_from_sr"]
+__all__ = ["DEVICE_NAME", "ReportError", "build_sr", "volumes_from_sr"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ _MEAN = hd.sr.CodedConcept("373098007", "SCT", "Mean")
 _NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
 _ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 _LESIONS = hd.sr.CodedConcept("{lesions}", "UCUM", "lesions")
-_LEFT = hd.sr.CodedConcept("7771000", "SCT", "Left")
-_RIGHT = hd.sr.CodedConcept("24028007", "SCT", "Right")
 _AI = hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
@@ -99,14 +98,6 @@ class ReportError(InferenceError, ValueError):
     """The SEG, sources or metrics handed to the SR builder do not fit together."""
 
 
-def label_segment_numbers(manifest: Manifest) -> dict[int, int]:
-    """Label value -> SEG segment number: ascending label values numbered 1..N.
-
-    The same convention as ``inference.outputs.seg.segment_numbers``.
-    """
-    return {value: number for number, value in enumerate(sorted(manifest.labels), start=1)}
-
-
 def _concept(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
@@ -124,11 +115,10 @@ def _procedure(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
 
 
 def _laterality(spec: LabelSpec) -> hd.sr.CodedConcept | None:
-    if spec.laterality == "left":
-        return _LEFT
-    if spec.laterality == "right":
-        return _RIGHT
-    if spec.modifier is not None and spec.modifier.scheme == "SCT" and spec.modifier.value in {"7771000", "24028007"}:
+    if spec.laterality is not None:
+        return _concept(LATERALITY_CODES[spec.laterality])
+    lateral = {c.value for c in LATERALITY_CODES.values()}
+    if spec.modifier is not None and spec.modifier.scheme == "SCT" and spec.modifier.value in lateral:
         return _concept(spec.modifier)
     return None
 
@@ -161,7 +151,7 @@ def _check_inputs(seg: Dataset, sources: Sequence[Dataset], metrics: Mapping[str
             "an SR can only report on a SEG of the same study"
         )
     present = {int(item.SegmentNumber) for item in seg.get("SegmentSequence", [])}
-    wanted = label_segment_numbers(manifest)
+    wanted = segment_numbers(manifest)
     missing = sorted(f"{manifest.labels[v].name} (segment {n})" for v, n in wanted.items() if n not in present)
     if missing:
         raise ReportError(
@@ -217,7 +207,7 @@ def build_sr(
     """
     _check_inputs(seg, sources, metrics, manifest)
     demo = manifest.demo
-    numbers = label_segment_numbers(manifest)
+    numbers = segment_numbers(manifest)
     source_series = hd.sr.SourceSeriesForSegmentation(_source_series_uid(seg, sources))
     algorithm_name = f"{manifest.name} ({DEMO_WARNING})" if demo else manifest.name
     parameters = [f"pipeline: {pipeline}", f"node: {MANUFACTURER} {node_version}"]
