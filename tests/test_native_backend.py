@@ -23,17 +23,8 @@ from inference.backends.native import (
 )
 from inference.errors import ModelPackageError, PredictionError
 from inference.manifest import NativeBackend, Normalization, sha256_file
+from tests.model_packages import DYN_ARGS
 
-DYN_ARGS: dict[str, Any] = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 2,
-    "kernel_size": [3, 3, 3],
-    "strides": [1, 2, 2],
-    "upsample_kernel_size": [2, 2],
-    "filters": [4, 4, 8],
-    "norm_name": "batch",
-}
 PLAIN_ARGS: dict[str, Any] = {
     "input_channels": 2,
     "n_stages": 3,
