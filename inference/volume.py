@@ -63,7 +63,9 @@ __all__ = [
     "SeriesItem",
     "Volume",
     "b_value",
+    "is_multiframe",
     "is_trace",
+    "number_of_frames",
     "resample_to",
     "select_b_value",
     "split_by_b_value",
@@ -328,7 +330,7 @@ class FrameSelection:
 
     def __post_init__(self) -> None:
         numbers = tuple(int(f) for f in self.frame_numbers)
-        count = _number_of_frames(self.dataset)
+        count = number_of_frames(self.dataset)
         if not numbers or any(f < 1 or f > count for f in numbers):
             raise ValueError(
                 f"frame numbers {numbers} are not within 1..{count} for SOP {_sop_uid(self.dataset)}; "
@@ -378,15 +380,17 @@ def _sop_uid(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "") or "<no SOP Instance UID>")
 
 
-def _number_of_frames(ds: Dataset) -> int:
+def number_of_frames(ds: Dataset) -> int:
+    """Frames in an instance (1 for single-frame or an unreadable value)."""
     try:
         return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
     except (TypeError, ValueError):
         return 1
 
 
-def _is_multiframe(ds: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in ds or _number_of_frames(ds) > 1
+def is_multiframe(ds: Dataset) -> bool:
+    """True for an instance with functional groups or several frames."""
+    return "PerFrameFunctionalGroupsSequence" in ds or number_of_frames(ds) > 1
 
 
 def _expand(items: Iterable[SeriesItem]) -> list[_FrameRef]:
@@ -397,8 +401,8 @@ def _expand(items: Iterable[SeriesItem]) -> list[_FrameRef]:
         if isinstance(item, FrameSelection):
             candidates = [_FrameRef(item.dataset, f) for f in item.frame_numbers]
         elif isinstance(item, Dataset):
-            if _is_multiframe(item):
-                candidates = [_FrameRef(item, f) for f in range(1, _number_of_frames(item) + 1)]
+            if is_multiframe(item):
+                candidates = [_FrameRef(item, f) for f in range(1, number_of_frames(item) + 1)]
             else:
                 candidates = [_FrameRef(item, None)]
         else:
@@ -459,7 +463,7 @@ def _plane(ref: _FrameRef) -> _Plane:
     ds = ref.dataset
     if ref.frame_number is not None and "PerFrameFunctionalGroupsSequence" not in ds:
         raise GeometryError(
-            f"SOP {_sop_uid(ds)} holds {_number_of_frames(ds)} frames but no Per-frame Functional Groups, so the "
+            f"SOP {_sop_uid(ds)} holds {number_of_frames(ds)} frames but no Per-frame Functional Groups, so the "
             "position of each frame is unknown (a legacy multi-frame); send the series as single-frame images "
             "or as an enhanced (functional group) instance"
         )
@@ -587,7 +591,7 @@ def volume_from_datasets(
     array = np.empty((len(planes), planes[0].rows, planes[0].columns), dtype=np.float32)
     # A multi-frame instance most of whose frames are used is decoded once, whole; else frame by frame.
     used = Counter(id(p.ref.dataset) for p in planes if p.ref.frame_number is not None)
-    whole = {id(p.ref.dataset) for p in planes if 2 * used[id(p.ref.dataset)] > _number_of_frames(p.ref.dataset)}
+    whole = {id(p.ref.dataset) for p in planes if 2 * used[id(p.ref.dataset)] > number_of_frames(p.ref.dataset)}
     decoded: dict[int, np.ndarray] = {}
     for k, plane in enumerate(planes):
         array[k] = _read_frame(plane, whole, decoded)

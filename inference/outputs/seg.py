@@ -44,7 +44,7 @@ from inference.outputs.common import (
     copy_study_attributes,
     software_versions,
 )
-from inference.volume import Volume
+from inference.volume import Volume, is_multiframe, number_of_frames
 
 __all__ = [
     "LATERALITY_CODES",
@@ -208,17 +208,6 @@ def _undeclared(arr: np.ndarray, mapping: dict[int, int]) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-def _number_of_frames(ds: Dataset) -> int:
-    try:
-        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _is_multiframe(ds: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in ds or _number_of_frames(ds) > 1
-
-
 def _group_value(ds: Dataset, frame_number: int, sequence: str, keyword: str) -> Any:
     """``keyword`` of functional group ``sequence`` for a frame (per-frame item first, then shared)."""
     for groups, index in (
@@ -289,7 +278,7 @@ def _ordered_sources(labels: Volume, sources: Sequence[Dataset]) -> tuple[list[D
                 "the label volume names one SOP Instance for several slices but gives no frame numbers; "
                 "rebuild it with volume_from_datasets()"
             )
-        if any(_is_multiframe(ds) for ds in ordered):
+        if any(is_multiframe(ds) for ds in ordered):
             raise SegBuildError(
                 "the label volume has no frame numbers but its source is a multi-frame instance; "
                 "rebuild it with volume_from_datasets()"
@@ -302,7 +291,7 @@ def _ordered_sources(labels: Volume, sources: Sequence[Dataset]) -> tuple[list[D
             "them multi-frame; a SEG can be derived from one multi-frame instance or from single-frame instances only"
         )
     source = by_uid[uids[0]]
-    frames = _number_of_frames(source)
+    frames = number_of_frames(source)
     bad = [f for f in labels.frame_numbers if not 1 <= f <= frames]
     if bad or len(set(labels.frame_numbers)) != len(labels.frame_numbers):
         raise SegBuildError(
@@ -477,7 +466,7 @@ def build_seg(
         pixels = pixels[:slices]
     elif multiframe:
         assert labels.frame_numbers is not None
-        frames = _number_of_frames(source0)
+        frames = number_of_frames(source0)
         if not empty and sorted(labels.frame_numbers) == list(range(1, frames + 1)):
             # Every frame used once: hand highdicom the array in the source's frame order.
             by_frame = np.empty_like(pixels)
