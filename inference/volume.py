@@ -85,6 +85,7 @@ RELATIVE_SPACING_TOLERANCE = 0.01
 
 _SIEMENS_CREATOR = "SIEMENS MR HEADER"  # (0019,xx0C) B_value
 _GE_CREATOR = "GEMS_PARM_01"  # (0043,xx39) slop_int_6..9, first value = b-value
+_PHILIPS_CREATOR = "Philips Imaging DD 001"  # (2001,xx03) Diffusion B-Factor (FL)
 _MAX_LISTED = 5  # how many offending items an error message lists
 
 
@@ -935,6 +936,8 @@ def b_value(ds: Dataset, frame_number: int | None = None) -> float | None:
        large offsets (1,000,000,000) to this value on some software versions; the
        b-value is taken as the value modulo 100,000 (no clinical b-value reaches
        100,000 s/mm²).
+    5. Philips private (2001,xx03) "Diffusion B-Factor" of creator
+       "Philips Imaging DD 001" (older Philips software).
 
     Args:
         ds: The instance.
@@ -956,6 +959,9 @@ def b_value(ds: Dataset, frame_number: int | None = None) -> float | None:
     value = _number(_private_value(ds, 0x0043, _GE_CREATOR, 0x39))
     if value is not None:
         return float(int(value) % 100000)
+    value = _number(_private_value(ds, 0x2001, _PHILIPS_CREATOR, 0x03))
+    if value is not None:
+        return value
     return None
 
 

@@ -495,11 +495,13 @@ def _dwi(b_values: Sequence[int], n: int = 3, tag: str = "standard", series_uid:
                 ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0C, "IS", b)
             elif tag == "ge":
                 ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x39, "IS", [1_000_000_000 + b, 8, 0, 0])
+            elif tag == "philips":
+                ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x03, "FL", float(b))
             out.append(ds)
     return out
 
 
-@pytest.mark.parametrize("tag", ["standard", "siemens", "ge"])
+@pytest.mark.parametrize("tag", ["standard", "siemens", "ge", "philips"])
 def test_split_by_b_value(tag: str) -> None:
     datasets = _dwi([0, 1000], tag=tag)
     random.Random(1).shuffle(datasets)
