@@ -97,6 +97,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+# Run as a script, this folder is sys.path[0], where benchmarks/inference.py would
+# shadow the ``inference`` package: put the repository root first instead.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != _ROOT / "benchmarks")]
+
 CASES: dict[str, int] = {"1-assoc": 1, "4-assoc": 4}
 BARE_MODES = ("default", "chunked")
 DCMTK_MAX_PDU = 131_072  # storescp accepts 4096..131072

@@ -104,14 +104,9 @@ def make_series(
 
 def write_series(folder: str | Path, datasets: Iterator[Dataset] | list[Dataset]) -> list[Path]:
     """Write datasets as Part 10 files named by SOP Instance UID."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    from inference.phantoms.brain import save_series
+
+    return save_series(folder, list(datasets))
 
 
 #: Row (increasing column index) and column (increasing row index) directions, LPS.

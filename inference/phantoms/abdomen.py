@@ -227,14 +227,9 @@ class AbdomenCase:
 
     def write(self, folder: str | Path) -> list[Path]:
         """Write the series as Part 10 files ``<SOPInstanceUID>.dcm`` into ``folder`` (created)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ds in self.series:
-            path = folder / f"{ds.SOPInstanceUID}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
-        return paths
+        from inference.phantoms.brain import save_series
+
+        return save_series(folder, self.series)
 
 
 # --------------------------------------------------------------------------- anatomy
