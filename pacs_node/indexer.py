@@ -348,7 +348,15 @@ def _fill_study(study: Study, ds: Dataset) -> None:
 
 def _get_or_create_series(session: Session, recs: list[Received], studies: dict[str, Study]) -> dict[str, Series]:
     uids = {r.series_uid for r in recs}
-    found = {s.series_uid: s for s in session.scalars(select(Series).where(Series.series_uid.in_(uids)))}
+    # Lock the series rows (PostgreSQL; SQLite serialises writers anyway) so that
+    # two receive processes indexing the same series take turns: each batch's
+    # instance count must see the other's committed rows.
+    found = {
+        s.series_uid: s
+        for s in session.scalars(
+            select(Series).where(Series.series_uid.in_(uids)).order_by(Series.series_uid).with_for_update()
+        )
+    }
     for rec in recs:
         if rec.series_uid in found:
             continue
