@@ -7,14 +7,16 @@ one :class:`~pacs_node.config.Settings` object passed down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pacs_node import __version__
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
+from storage.db import Database
 from storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,17 @@ def _dicom_files(paths: Sequence[str]) -> list[str]:
         else:
             raise PacsNodeError(f"{p}: no such file or folder")
     return out
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[Database]:
+    """The node's database, migrated to the latest schema, disposed afterwards."""
+    db = Database(settings.db_url)
+    try:
+        db.upgrade()
+        yield db
+    finally:
+        db.dispose()
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -98,24 +111,17 @@ def cmd_rules_test(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.db import Database
-
-    db = Database(settings.db_url)
-    db.upgrade()
-    print(f"database at {db.engine.url.render_as_string(hide_password=True)} is at the latest schema")
-    db.dispose()
+    with _database(settings) as db:
+        print(f"database at {db.engine.url.render_as_string(hide_password=True)} is at the latest schema")
     return 0
 
 
 def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from storage.db import Database
     from storage.models import Job, Study
 
-    db = Database(settings.db_url)
-    db.upgrade()
-    with db.session() as session:
+    with _database(settings) as db, db.session() as session:
         studies = session.scalars(select(Study).order_by(Study.id.desc()).limit(args.limit)).all()
         if not studies:
             print("no studies received yet")
@@ -138,19 +144,15 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
                         f"{(s.modality or '?'):3} {s.instance_count:>5} inst  {s.state.value:9} "
                         f"{(s.series_description or '')[:40]:40}  {s.route_note or ''}"
                     )
-    db.dispose()
     return 0
 
 
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from storage.db import Database
     from storage.models import Job, JobState
 
-    db = Database(settings.db_url)
-    db.upgrade()
-    with db.session() as session:
+    with _database(settings) as db, db.session() as session:
         q = select(Job).order_by(Job.id.desc()).limit(args.limit)
         if args.state:
             q = q.where(Job.state == JobState(args.state.upper()))
@@ -172,19 +174,15 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
                 f"{j.id:>5}  {j.state.value:9}  {j.priority:6}  {j.pipeline[:12]:12}  "
                 f"{j.created_at:%Y-%m-%d %H:%M:%S}  {secs if secs is not None else '-':>6}  {note[:90]}"
             )
-    db.dispose()
     return 0
 
 
 def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
-    from storage.db import Database
     from storage.models import Job
 
-    db = Database(settings.db_url)
-    db.upgrade()
-    with db.session() as session:
+    with _database(settings) as db, db.session() as session:
         job = session.get(Job, args.id)
         if job is None:
             print(f"no job {args.id}", file=sys.stderr)
@@ -210,20 +208,16 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
             "result": job.result_path,
         }
         print(json.dumps(fields, indent=2, ensure_ascii=False))
-    db.dispose()
     return 0
 
 
 def cmd_jobs_rerun(settings: Settings, args: argparse.Namespace) -> int:
     from pacs_node.jobs import rerun
-    from storage.db import Database
 
-    db = Database(settings.db_url)
-    db.upgrade()
-    lines = rerun(db, study_uid=args.study, series_uid=args.series)
-    for line in lines:
-        print(line)
-    db.dispose()
+    with _database(settings) as db:
+        lines = rerun(db, study_uid=args.study, series_uid=args.series)
+        for line in lines:
+            print(line)
     return 0 if lines else 1
 
 

@@ -23,9 +23,6 @@ from storage.models import utcnow
 
 logger = logging.getLogger(__name__)
 
-# Status 0xA700 'Refused: Out of Resources'; 0xC210 'Error: Cannot understand'.
-STATUS_SUCCESS = 0x0000
-
 
 @dataclass(frozen=True, slots=True)
 class Received:

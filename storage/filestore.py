@@ -23,15 +23,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from storage.errors import InvalidUID, StorageError, StorageFull
 
 logger = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LAX_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def validate_uid(uid: object, what: str = "UID") -> str:
@@ -51,14 +49,9 @@ def validate_uid(uid: object, what: str = "UID") -> str:
         raise InvalidUID(f"{what} is empty")
     if len(text) > 64:
         raise InvalidUID(f"{what} is {len(text)} characters long (at most 64)")
-    if not _LAX_UID_RE.match(text):
+    if not _UID_RE.match(text):
         raise InvalidUID(f"{what} {text[:70]!r} is not a UID (digits and dots only)")
     return text
-
-
-def is_strict_uid(uid: str) -> bool:
-    """True when ``uid`` also has no leading zeros (PS3.5 9.1)."""
-    return bool(_UID_RE.match(uid))
 
 
 def _datasync(fd: int) -> None:
@@ -171,24 +164,6 @@ class FileStore:
             raise StorageError(f"cannot store {sop_uid}: {exc.strerror}") from exc
         return target
 
-    def acknowledge_bytes(self, data: bytes, sop_uid: str) -> Path:
-        """Write ``data`` (a whole DICOM file) and acknowledge it.
-
-        Raises:
-            StorageFull: the disk filled up.
-            StorageError: any other I/O failure.
-        """
-        tmp = self.new_incoming_path()
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(f"disk full while storing {sop_uid}") from exc
-            raise StorageError(f"cannot store {sop_uid}: {exc.strerror}") from exc
-        return self.acknowledge(tmp, sop_uid)
-
     def write_file(self, rel: str, data: bytes) -> Path:
         """Write a file the node produced at ``rel`` atomically and durably (replacing).
 
@@ -277,10 +252,3 @@ class FileStore:
             except OSError:
                 break
         return True
-
-    def iter_files(self) -> Iterator[Path]:
-        """Every stored instance file (walks the store; for tools, not the hot path)."""
-        for study in self.root.iterdir():
-            if study.name.startswith(".") or not study.is_dir():
-                continue
-            yield from study.glob("*/*.dcm")
