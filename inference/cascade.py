@@ -45,15 +45,19 @@ def crop_boxes(
     margin_mm: float,
     spacing_zyx: Sequence[float],
     per_component: bool,
+    largest: int | None = None,
 ) -> list[Box]:
     """Crop boxes (z, y, x slices) around ``labels`` in a stage output.
 
     With ``per_component``, one box per connected component (26-connectivity) of
     each label, in label order then raster order; otherwise one box around every
-    voxel of all ``labels``. Boxes grow by ``margin_mm`` on each side (rounded up to
+    voxel of all ``labels``. With ``largest``, only the ``largest`` biggest components
+    (of all ``labels`` together) count. Boxes grow by ``margin_mm`` on each side (rounded up to
     whole voxels per axis) and are clipped to the image. No foreground: no boxes.
     """
     shape = stage1_labels.shape
+    if largest is not None:
+        stage1_labels = _largest_only(stage1_labels, labels, largest)
     margin = [int(math.ceil(float(margin_mm) / float(s) - 1e-9)) if margin_mm > 0 else 0 for s in spacing_zyx]
     boxes: list[Box] = []
     if not per_component:
@@ -68,6 +72,17 @@ def crop_boxes(
             if sl is not None:
                 boxes.append(_grow(sl, margin, shape))
     return boxes
+
+
+def _largest_only(labels: np.ndarray, values: Sequence[int], n: int) -> np.ndarray:
+    """``labels`` with every component of ``values`` outside the ``n`` largest set to 0."""
+    comp, count = ndimage.label(np.isin(labels, list(values)), structure=_STRUCTURE)
+    if count <= n:
+        return labels
+    sizes = np.bincount(comp.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    keep = np.argsort(sizes)[::-1][:n]
+    return np.where(np.isin(comp, keep), labels, 0).astype(labels.dtype)
 
 
 def map_labels(pred: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
@@ -127,7 +142,14 @@ def run_cascade(
             source = raw.get(spec.crop.from_stage)
             if source is None:
                 raise PredictionError(f"stage {spec.name}: crops from {spec.crop.from_stage!r}, which has not run")
-            boxes = crop_boxes(source, spec.crop.labels, spec.crop.margin_mm, spacing_zyx, spec.crop.per_component)
+            boxes = crop_boxes(
+                source,
+                spec.crop.labels,
+                spec.crop.margin_mm,
+                spacing_zyx,
+                spec.crop.per_component,
+                largest=spec.crop.largest,
+            )
             if not boxes:
                 logger.info(
                     "stage %s: no labels %s in stage %s, nothing to crop",

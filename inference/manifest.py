@@ -50,6 +50,9 @@ class LabelSpec(_Frozen):
     mean_unit: str | None = None
     #: report each connected component's volume and their count (stroke lesions)
     count_components: bool = False
+    #: labels that belong to the same organ when connected to this one; the reported
+    #: volume is the whole organ's (a kidney = its sinus label + parenchyma + tumour)
+    volume_includes: tuple[int, ...] = ()
 
     @field_validator("color")
     @classmethod
@@ -134,6 +137,9 @@ class CropSpec(_Frozen):
     margin_mm: float = 10.0
     #: one crop per connected component (kidneys) or one around all of them
     per_component: bool = True
+    #: crop around the N largest components of ``labels`` only (a stray false positive
+    #: of the localiser then cannot blow a crop up to the whole image)
+    largest: int | None = Field(None, ge=1)
 
 
 class StageSpec(_Frozen):
@@ -157,6 +163,9 @@ class PostProcess(_Frozen):
     min_size_mm3: dict[int, float] = Field(default_factory=dict)
     #: a label to split into left/right by patient coordinates: {label: [left_value, right_value]}
     split_laterality: dict[int, tuple[int, int]] = Field(default_factory=dict)
+    #: for a split label: other labels that belong to the same organ, so that sides are
+    #: decided per whole organ (connected components of the union), not per fragment
+    laterality_with: dict[int, tuple[int, ...]] = Field(default_factory=dict)
 
 
 class Manifest(_Frozen):
@@ -174,6 +183,8 @@ class Manifest(_Frozen):
     postprocess: PostProcess = PostProcess()
     #: the pipeline may use a GPU when present
     gpu: bool = True
+    #: the synthetic phantom family it can be evaluated on (``pacs-node models evaluate``)
+    phantom_task: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -194,6 +205,9 @@ class Manifest(_Frozen):
                 if stage.final and out not in self.labels:
                     raise ValueError(f"stages[{i}].label_map: label {out} is not declared under labels")
         for label, spec in self.labels.items():
+            for other in spec.volume_includes:
+                if other not in self.labels or other == label:
+                    raise ValueError(f"labels.{label}.volume_includes: {other} is not another declared label")
             for role in spec.measure_mean_of:
                 if role not in roles:
                     raise ValueError(f"labels.{label}.measure_mean_of: {role!r} is not an input role")

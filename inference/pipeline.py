@@ -33,8 +33,8 @@ from pydicom import Dataset
 from inference.backends import StagePredictor
 from inference.cascade import run_cascade
 from inference.errors import InferenceError, ModelPackageError
-from inference.manifest import ModelPackage, NativeBackend, NnUNetBackend, StageSpec
-from inference.postprocess import apply_postprocess, component_volumes_ml, mean_inside
+from inference.manifest import Manifest, ModelPackage, NativeBackend, NnUNetBackend, StageSpec
+from inference.postprocess import apply_postprocess, component_volumes_ml, mean_inside, organ_mask
 from inference.volume import Volume, resample_to, select_b_value, volume_from_datasets
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,63 @@ def build_stage(spec: StageSpec, folder: Path, device: torch.device) -> StagePre
 
         return NativeStage(model, folder, device=device)
     raise ModelPackageError(f"stage {spec.name}: unknown backend {model!r}")
+
+
+def build_inputs(
+    manifest: Manifest, inputs: Mapping[str, Sequence[Dataset]]
+) -> tuple[Volume, np.ndarray, dict[str, Volume]]:
+    """Volumes per role on the reference grid, and the stacked (C, z, y, x) image.
+
+    Secondary roles are resampled onto the reference series' grid in patient space;
+    absent optional roles become zero channels. Training uses the same function, so
+    a model sees the same inputs in training and in service.
+
+    Raises:
+        MissingInputError: a required channel has no series.
+        GeometryError, PixelDataError, NoMatchingBValueError: a series cannot be used.
+    """
+    m = manifest
+    by_role = {c.role: c for c in m.inputs}
+    missing = [c.role for c in m.inputs if not c.optional and not inputs.get(c.role)]
+    if missing:
+        raise MissingInputError(
+            f"model {m.name} needs input {', '.join(missing)} but the job has "
+            f"{', '.join(sorted(r for r in inputs if inputs[r])) or 'no inputs'}; "
+            "check the pipeline's input roles against the model's (model.yaml inputs)"
+        )
+
+    def load(role: str) -> Volume:
+        datasets: Sequence[Any] = inputs[role]
+        spec = by_role[role]
+        if spec.b_value is not None:
+            datasets = select_b_value(datasets, target=spec.b_value)
+        return volume_from_datasets(datasets)
+
+    reference = load(m.reference)
+    volumes: dict[str, Volume] = {m.reference: reference}
+    channels: list[np.ndarray] = []
+    for chan in m.inputs:
+        if chan.role == m.reference:
+            channels.append(reference.array.astype(np.float32, copy=False))
+            continue
+        if not inputs.get(chan.role):
+            logger.info("optional input %s absent: channel filled with zeros", chan.role)
+            channels.append(np.zeros(reference.shape, dtype=np.float32))
+            continue
+        moving = load(chan.role)
+        if moving.frame_of_reference_uid != reference.frame_of_reference_uid:
+            # Series of one exam usually share scanner coordinates even when
+            # the scanner wrote a new Frame of Reference UID; resample by
+            # patient coordinates and say so.
+            logger.warning(
+                "input %s has another frame of reference than %s; resampling by patient coordinates",
+                chan.role,
+                m.reference,
+            )
+        vol = resample_to(moving, reference, interpolation="linear", check_frame_of_reference=False)
+        volumes[chan.role] = vol
+        channels.append(vol.array.astype(np.float32, copy=False))
+    return reference, np.stack(channels), volumes
 
 
 def _choose_device(allow_gpu: bool) -> torch.device:
@@ -145,54 +202,8 @@ class ModelRunner:
 
     # -- inputs -------------------------------------------------------------------
     def build_inputs(self, inputs: Mapping[str, Sequence[Dataset]]) -> tuple[Volume, np.ndarray, dict[str, Volume]]:
-        """Volumes per role on the reference grid, and the stacked (C, z, y, x) image.
-
-        Raises:
-            MissingInputError: a required channel has no series.
-            GeometryError, PixelDataError, NoMatchingBValueError: a series cannot be used.
-        """
-        m = self.manifest
-        by_role = {c.role: c for c in m.inputs}
-        missing = [c.role for c in m.inputs if not c.optional and not inputs.get(c.role)]
-        if missing:
-            raise MissingInputError(
-                f"model {m.name} needs input {', '.join(missing)} but the job has "
-                f"{', '.join(sorted(r for r in inputs if inputs[r])) or 'no inputs'}; "
-                "check the pipeline's input roles against the model's (model.yaml inputs)"
-            )
-
-        def load(role: str) -> Volume:
-            datasets: Sequence[Any] = inputs[role]
-            spec = by_role[role]
-            if spec.b_value is not None:
-                datasets = select_b_value(datasets, target=spec.b_value)
-            return volume_from_datasets(datasets)
-
-        reference = load(m.reference)
-        volumes: dict[str, Volume] = {m.reference: reference}
-        channels: list[np.ndarray] = []
-        for chan in m.inputs:
-            if chan.role == m.reference:
-                channels.append(reference.array.astype(np.float32, copy=False))
-                continue
-            if not inputs.get(chan.role):
-                logger.info("optional input %s absent: channel filled with zeros", chan.role)
-                channels.append(np.zeros(reference.shape, dtype=np.float32))
-                continue
-            moving = load(chan.role)
-            if moving.frame_of_reference_uid != reference.frame_of_reference_uid:
-                # Series of one exam usually share scanner coordinates even when
-                # the scanner wrote a new Frame of Reference UID; resample by
-                # patient coordinates and say so.
-                logger.warning(
-                    "input %s has another frame of reference than %s; resampling by patient coordinates",
-                    chan.role,
-                    m.reference,
-                )
-            vol = resample_to(moving, reference, interpolation="linear", check_frame_of_reference=False)
-            volumes[chan.role] = vol
-            channels.append(vol.array.astype(np.float32, copy=False))
-        return reference, np.stack(channels), volumes
+        """Volumes per role on the reference grid, and the stacked (C, z, y, x) image (see :func:`build_inputs`)."""
+        return build_inputs(self.manifest, inputs)
 
     # -- prediction ------------------------------------------------------------------
     def _predict(self, image: np.ndarray, ref: Volume) -> tuple[np.ndarray, dict[str, float]]:
@@ -250,6 +261,8 @@ class ModelRunner:
         out: dict[str, Any] = {"voxel_volume_ml": voxel_ml, "labels": {}}
         for value, spec in sorted(self.manifest.labels.items()):
             n = int(counts[value]) if value < len(counts) else 0
+            if spec.volume_includes:
+                n = int(organ_mask(labels.array, value, spec.volume_includes).sum())
             entry: dict[str, Any] = {"name": spec.name, "voxels": n, "volume_ml": round(n * voxel_ml, 6)}
             if spec.laterality:
                 entry["laterality"] = spec.laterality

@@ -88,8 +88,13 @@ def split_left_right(
     right_value: int,
     *,
     index_to_lps: IndexToLps,
+    with_labels: Sequence[int] = (),
 ) -> np.ndarray:
     """A copy of ``labels`` with each component of ``label`` relabelled as left or right.
+
+    With ``with_labels``, components are those of the whole organ (``label`` and
+    ``with_labels`` together) and the side is decided per organ; only the voxels of
+    ``label`` change value.
 
     A component is the patient's LEFT when its centroid's patient x (LPS: +x is the
     patient's left) is greater than the midline, else RIGHT. The midline is the
@@ -101,7 +106,20 @@ def split_left_right(
             (``Volume.index_to_lps``).
     """
     out = np.array(labels, copy=True)
-    comp, count, _ = _components(labels, label)
+    if with_labels:
+        # components of the whole organ (label + its companions), relabelled on label only
+        organ = np.isin(labels, [label, *with_labels]).astype(np.uint8)
+        comp, count, _ = _components(organ, 1)
+        comp = np.where(labels == label, comp, 0)
+        present = np.unique(comp[comp > 0])
+        if present.size and present.size < count:  # organs without the label play no part
+            lut = np.zeros(count + 1, dtype=comp.dtype)
+            lut[present] = np.arange(1, present.size + 1)
+            comp, count = lut[comp], int(present.size)
+        elif not present.size:
+            return out
+    else:
+        comp, count, _ = _components(labels, label)
     if count == 0:
         return out
     idx = np.arange(1, count + 1)
@@ -125,6 +143,20 @@ def split_left_right(
         midline,
     )
     return out
+
+
+def organ_mask(labels: np.ndarray, label: int, includes: Sequence[int]) -> np.ndarray:
+    """Voxels of ``label`` plus those of ``includes`` connected (26-neighbourhood) to it.
+
+    A kidney labelled 1 (sinus) with parenchyma 3 and tumour 4: ``organ_mask(m, 1, (3, 4))``
+    is the whole right kidney, excluding the left kidney's parenchyma.
+    """
+    own = labels == label
+    if not includes or not own.any():
+        return own
+    comp, _, _ = _components(np.isin(labels, [label, *includes]).astype(np.uint8), 1)
+    keep = np.unique(comp[own])
+    return np.isin(comp, keep[keep > 0])
 
 
 def label_volumes_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[int, float]:
@@ -170,5 +202,7 @@ def apply_postprocess(
     for label, n in spec.keep_largest.items():
         out = keep_largest_components(out, label, n)
     for label, (left, right) in spec.split_laterality.items():
-        out = split_left_right(out, label, left, right, index_to_lps=index_to_lps)
+        out = split_left_right(
+            out, label, left, right, index_to_lps=index_to_lps, with_labels=spec.laterality_with.get(label, ())
+        )
     return out if out is not labels else np.array(labels, copy=True)

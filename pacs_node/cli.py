@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacs_node.service import serve
 
     return serve(settings)
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.celery_app import run_worker
+
+    groups = [g.strip() for g in (args.queues or "").split(",") if g.strip()] or list(settings.queue.all_groups)
+    return run_worker(
+        settings,
+        groups=groups,
+        concurrency=args.concurrency,
+        threads=args.threads,
+        name=args.name,
+        wait_s=args.wait,
+    )
 
 
 def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
@@ -178,7 +193,6 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
-    import json
 
     from storage.models import Job
 
@@ -198,10 +212,13 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
             "destinations": job.destinations,
             "reason": job.reason,
             "created_at": job.created_at.isoformat(),
+            "queued_at": job.queued_at.isoformat() if job.queued_at else None,
+            "published_at": job.published_at.isoformat() if job.published_at else None,
             "started_at": job.started_at.isoformat() if job.started_at else None,
             "finished_at": job.finished_at.isoformat() if job.finished_at else None,
             "attempts": job.attempts,
             "worker": job.worker_id,
+            "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
             "model": {"name": job.model_name, "version": job.model_version, "sha256": job.model_checksums},
             "timings_s": job.timings,
             "metrics": job.metrics,
@@ -221,6 +238,146 @@ def cmd_jobs_rerun(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if lines else 1
 
 
+def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from pacs_node.deliveries import delivery_dict, list_deliveries
+    from storage.models import Output
+
+    with _database(settings) as db, db.session() as session:
+        rows = list_deliveries(
+            session, states=[args.state] if args.state else (), destination=args.destination, limit=args.limit
+        )
+        outputs = {o.id: o for o in session.query(Output).filter(Output.id.in_([r.output_id for r in rows]))}
+        if args.json:
+            print(json.dumps([delivery_dict(r, outputs.get(r.output_id)) for r in rows], indent=2))
+            return 0
+        if not rows:
+            print("no deliveries" + (f" in state {args.state}" if args.state else ""))
+            return 0
+        print(
+            f"{'id':>5}  {'job':>5}  {'kind':12}  {'destination':16}  {'state':11}  {'tries':>5}  "
+            f"{'status':6}  {'updated (UTC)':19}  next / last error"
+        )
+        for r in rows:
+            out = outputs.get(r.output_id)
+            dest = settings.destinations.get(r.destination)
+            http = dest is not None and dest.type == "dicomweb"  # else DIMSE (return to sender included)
+            status = None if r.last_status is None else str(r.last_status) if http else f"0x{r.last_status:04X}"
+            note = r.last_error or ""
+            if r.state.value == "pending" and r.next_attempt_at is not None:
+                note = f"next {r.next_attempt_at:%H:%M:%S}" + (f"; {note}" if note else "")
+            print(
+                f"{r.id:>5}  {r.job_id:>5}  {(out.kind.value if out else '?'):12}  {r.destination[:16]:16}  "
+                f"{r.state.value:11}  {r.attempts:>5}  {status if status is not None else '-':6}  "
+                f"{r.updated_at:%Y-%m-%d %H:%M:%S}  {note[:100]}"
+            )
+    return 0
+
+
+def cmd_deliveries_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.deliveries import retry_delivery
+
+    with _database(settings) as db, db.session() as session:
+        row = retry_delivery(session, args.id)
+        print(f"delivery {row.id} to {row.destination} re-queued; the running node sends it at its next poll")
+    return 0
+
+
+def cmd_deliveries_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.deliveries import cancel_delivery
+
+    with _database(settings) as db, db.session() as session:
+        row = cancel_delivery(session, args.id)
+        print(f"delivery {row.id} to {row.destination} cancelled")
+    return 0
+
+
+def cmd_conformance(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.conformance import conformance_statement
+
+    text = conformance_statement(settings)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"conformance statement written to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _model_folder(settings: Settings, name: str) -> Path:
+    """A model package folder from a path, a configured pipeline name or a shipped model name."""
+    from pacs_node.defaults import models_dir
+
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if name in settings.pipelines:
+        return Path(settings.pipelines[name].model)
+    shipped = models_dir() / name
+    if shipped.is_dir():
+        return shipped
+    raise PacsNodeError(
+        f"model {name!r}: not a folder, a configured pipeline ({', '.join(sorted(settings.pipelines)) or 'none'}) "
+        f"or a shipped model in {models_dir()}"
+    )
+
+
+def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
+    from inference.errors import ModelPackageError
+    from inference.manifest import ModelPackage
+
+    print(f"{'pipeline':<12} {'model':<24} {'version':<8} {'stages':>6}  {'kind':<28} folder")
+    for name, pipe in sorted(settings.pipelines.items()):
+        try:
+            m = ModelPackage(pipe.model).manifest
+            kind = "DEMO (synthetic phantoms)" if m.demo else m.intended_use[:28]
+            print(f"{name:<12} {m.name:<24} {m.version:<8} {len(m.stages):>6}  {kind:<28} {pipe.model}")
+        except ModelPackageError as exc:
+            print(f"{name:<12} {'(unusable)':<24} {'':<8} {'':>6}  {str(exc).splitlines()[0][:60]}")
+    return 0
+
+
+def cmd_models_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from inference.evaluation import evaluate_package, format_table
+
+    folder = _model_folder(settings, args.model)
+
+    def progress(row: dict[str, object]) -> None:
+        if args.verbose:
+            print(json.dumps(row), file=sys.stderr)
+
+    result = evaluate_package(
+        folder, cases=args.cases, seed=args.seed, task=args.task, allow_gpu=not args.cpu, progress=progress
+    )
+    print(format_table(result))
+    out = Path(args.json) if args.json else Path(f"{result['model']}-evaluation-seed{args.seed}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs_node.demo import DEMO_CASES, run_demo
+
+    if not args.verbose:  # the node's own INFO lines would bury the demo's table
+        logging.getLogger().setLevel(logging.WARNING)
+    chosen = args.pipelines.split(",") if args.pipelines else list(DEMO_CASES)
+    pipelines = tuple(p.strip() for p in chosen if p.strip())
+    unknown = [p for p in pipelines if p not in DEMO_CASES]
+    if unknown:
+        raise PacsNodeError(f"--pipelines: unknown {', '.join(unknown)}; the demo knows {', '.join(DEMO_CASES)}")
+    results = run_demo(
+        args.out,
+        base=settings.model_dump(mode="json"),
+        timeout_s=args.timeout,
+        stream=sys.stdout,
+        pipelines=pipelines,
+        log_level=None if args.verbose else "WARNING",
+    )
+    return 0 if all(r.state == "done" for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     config_help = "YAML settings file (default: embedded defaults, or PACS_NODE_CONFIG)"
@@ -233,8 +390,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacs-node {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", parents=[common], help="run the node: DICOM SCP, router, workers")
+    p = sub.add_parser("serve", parents=[common], help="run the node: DICOM SCP, router, workers, dispatcher")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="distributed mode: run inference jobs from the broker's queues (queue.backend: celery)",
+        description="Consume the queues of the given pipeline groups and run their jobs, keeping models loaded. "
+        "Needs queue.backend: celery, the PostgreSQL database_url of serve, and data_dir on the storage shared "
+        "with serve (same path). SIGTERM finishes the running jobs, then stops.",
+    )
+    p.add_argument(
+        "--queues",
+        "-Q",
+        default=None,
+        metavar="GROUP[,GROUP...]",
+        help="pipeline groups to consume, comma-separated (default: every group in queue.groups and "
+        "queue.default_group)",
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run in parallel, one process each (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per job process (default: torch's own choice; 1 packs several workers on a CPU host)",
+    )
+    p.add_argument("--name", default=None, help="worker name in logs and Job.worker_id (default pacs-node.PID@HOST)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for serve to migrate the database and create the shared store (default 120)",
+    )
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     p.add_argument("host")
@@ -283,6 +472,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study", metavar="UID")
     g.add_argument("--series", metavar="UID")
     q.set_defaults(func=cmd_jobs_rerun)
+
+    p = sub.add_parser("deliveries", parents=[common], help="results sent (or to send) to destinations")
+    dsub = p.add_subparsers(dest="deliveries_command", required=True, metavar="SUBCOMMAND")
+    q = dsub.add_parser("list", parents=[common], help="list recent deliveries")
+    q.add_argument("--state", choices=["pending", "in_progress", "delivered", "failed", "cancelled"])
+    q.add_argument("--destination", metavar="NAME")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true", help="JSON instead of a table")
+    q.set_defaults(func=cmd_deliveries_list)
+    q = dsub.add_parser("retry", parents=[common], help="re-queue a failed or cancelled delivery")
+    q.add_argument("id", type=int)
+    q.set_defaults(func=cmd_deliveries_retry)
+    q = dsub.add_parser("cancel", parents=[common], help="cancel a pending or failed delivery")
+    q.add_argument("id", type=int)
+    q.set_defaults(func=cmd_deliveries_cancel)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the whole job here: start the node, send three phantom studies, receive SEG/SR/key images",
+    )
+    p.add_argument("--out", default="pacs-node-demo", help="output folder (default: ./pacs-node-demo)")
+    p.add_argument("--pipelines", default=None, help="comma-separated subset of stroke,dentate,kidney")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the results")
+    p.add_argument("--verbose", "-v", action="store_true", help="show the node's log lines")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", parents=[common], help="model packages")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    q = msub.add_parser("list", parents=[common], help="the configured pipelines' model packages")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="Dice, volume errors and Pearson r (and stroke Dice by lesion size) on fresh phantoms",
+    )
+    q.add_argument("model", help="package folder, configured pipeline name or shipped model (stroke, dentate, kidney)")
+    q.add_argument("--cases", type=int, default=10, help="number of phantoms (default 10)")
+    q.add_argument("--seed", type=int, default=900_000, help="first phantom seed (training used 10000-19999)")
+    q.add_argument("--task", default=None, help="phantom task (default: the model's phantom_task)")
+    q.add_argument("--json", default=None, help="where to write the JSON (default ./<model>-evaluation-seed<S>.json)")
+    q.add_argument("--cpu", action="store_true", help="never use a GPU")
+    q.add_argument("--verbose", "-v", action="store_true", help="print each case as it finishes (stderr)")
+    q.set_defaults(func=cmd_models_evaluate)
+
+    p = sub.add_parser(
+        "conformance", parents=[common], help="the DICOM conformance statement of this configuration (Markdown)"
+    )
+    p.add_argument("--out", default=None, help="write it to this file instead of printing it")
+    p.set_defaults(func=cmd_conformance)
     return parser
 
 

@@ -3,8 +3,10 @@ them, and record them as the job's outputs.
 
 Glue only: the builders live in :mod:`inference.outputs`; this module decides
 which objects a job needs (SEG types by destination, the key image, a notice
-for an input failure), writes them into the file store under their study, and
-marks an earlier job's results for the same study and pipeline as superseded.
+for an input failure), writes them into the file store under their study,
+marks an earlier job's results for the same study and pipeline as superseded
+(cancelling their deliveries not yet sent), and queues a delivery per output and
+destination in the same transaction as the outputs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from sqlalchemy import select, update
 
 from pacs_node import __version__
 from pacs_node.config import Settings
+from pacs_node.dispatch import create_deliveries, delivery_targets
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import Job, Output, OutputKind, utcnow
+from storage.models import Delivery, DeliveryState, Job, Output, OutputKind, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,11 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def seg_kinds(settings: Settings, destinations: Sequence[str]) -> list[OutputKind]:
-    """SEG types the job's destinations want (BINARY when none asks otherwise)."""
+def seg_kinds(settings: Settings, destinations: Sequence[str], route: str | None = None) -> list[OutputKind]:
+    """SEG types the job's destinations (and its route's return to sender) want (BINARY when none asks otherwise)."""
     kinds: list[OutputKind] = []
-    for name in destinations:
-        dest = settings.destinations.get(name)
-        kind = OutputKind.SEG_LABELMAP if dest is not None and dest.seg_type == "labelmap" else OutputKind.SEG
+    for _name, seg_type in delivery_targets(settings, destinations, route):
+        kind = OutputKind.SEG_LABELMAP if seg_type == "labelmap" else OutputKind.SEG
         if kind not in kinds:
             kinds.append(kind)
     return kinds or [OutputKind.SEG]
@@ -81,7 +83,7 @@ def build_outputs(
     sources = inputs[manifest.reference]
     built: list[BuiltOutput] = []
     seg_for_sr: Dataset | None = None
-    for kind in seg_kinds(settings, job.destinations or []):
+    for kind in seg_kinds(settings, job.destinations or [], job.route):
         seg = build_seg(
             result.labels,
             sources,
@@ -133,11 +135,12 @@ def build_outputs(
 def store_outputs(
     settings: Settings, db: Database, store: FileStore, job_id: int, built: Sequence[BuiltOutput]
 ) -> list[Output]:
-    """Write objects to the store and record them; supersede earlier results.
+    """Write objects to the store, record them and queue their deliveries; supersede earlier results.
 
     Earlier live outputs of the same study and pipeline (another job) are marked
     superseded: a re-run with the same inputs wrote the same UIDs over them, a
-    new model version or late instances made new ones that replace them.
+    new model version or late instances made new ones that replace them. Their
+    deliveries still PENDING are cancelled (one being sent finishes).
     """
     rows: list[Output] = []
     written: list[tuple[BuiltOutput, str, int, str | None]] = []
@@ -174,8 +177,23 @@ def store_outputs(
             session.execute(
                 update(Output).where(Output.id.in_(ids)).values(superseded_at=now, superseded_by_job_id=job_id)
             )
+            cancelled = session.execute(
+                update(Delivery)
+                .where(Delivery.output_id.in_(ids), Delivery.state == DeliveryState.PENDING)
+                .values(
+                    state=DeliveryState.CANCELLED,
+                    next_attempt_at=None,
+                    updated_at=now,
+                    last_error=f"superseded by the results of job {job_id} before it was sent",
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
             logger.info(
-                "job %d supersedes %d earlier outputs of pipeline %s in its study", job_id, len(ids), job.pipeline
+                "job %d supersedes %d earlier outputs of pipeline %s in its study (%d unsent deliveries cancelled)",
+                job_id,
+                len(ids),
+                job.pipeline,
+                cancelled,
             )
         for item, rel, size, png_rel in written:
             ds = item.dataset
@@ -192,6 +210,8 @@ def store_outputs(
             )
             session.add(row)
             rows.append(row)
+        session.flush()
+        create_deliveries(session, settings, job, rows)
     return rows
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -46,10 +47,18 @@ class Router:
         rules: compiled rules (compiled from ``settings`` when omitted).
     """
 
-    def __init__(self, settings: Settings, db: Database, *, rules: CompiledRules | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        rules: CompiledRules | None = None,
+        on_pending: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.rules = rules or compile_settings(settings)
+        self.on_pending = on_pending  # told after a pass that made jobs PENDING (distributed mode publishes them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -85,6 +94,8 @@ class Router:
             completed = self.complete_series(now)
             routed = self.route_series(now)
             assembled = self.assemble_jobs(now)
+        if (routed or assembled) and self.on_pending is not None:
+            self.on_pending()
         return {"completed": completed, "routed": routed, "assembled": assembled}
 
     def complete_series(self, now: datetime) -> int:
@@ -181,6 +192,7 @@ class Router:
             trigger_series_uid=series.series_uid,
             input_key=key,
             required_complete_at=now,
+            queued_at=now,
         )
         session.add(job)
         session.flush()
@@ -298,6 +310,7 @@ class Router:
         job.inputs = inputs
         job.input_key = key
         job.state = JobState.PENDING
+        job.queued_at = now
         logger.info(
             "job %d PENDING: pipeline %s with roles %s%s",
             job.id,

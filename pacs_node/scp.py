@@ -15,6 +15,11 @@ Reaches into pynetdicom 3.0 internals (pinned in setup.cfg) in two places:
 * the DUL provider refuses a PDU longer than the maximum we negotiated
   (pynetdicom would buffer any length a peer announces) by aborting the
   association.
+
+With ``dicom.tls`` the port speaks DICOM TLS (TLS 1.2 or later). pynetdicom
+would run each TLS handshake on its accept thread, where one slow client holds
+up every other; the handshake runs on the connection's own thread instead,
+within ``dicom.tls.handshake_timeout_s``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from tempfile import NamedTemporaryFile
 from typing import Any, cast
 
@@ -34,8 +41,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_node.config import DicomSettings
-from pacs_node.errors import IngestError
+from pacs_node.config import DicomSettings, DicomTlsSettings, TlsClientSettings
+from pacs_node.errors import ConfigError, IngestError
 from pacs_node.ingest import Ingestor
 
 logger = logging.getLogger(__name__)
@@ -178,10 +185,84 @@ def _nodelay(sock: socket.socket | None) -> None:
             pass
 
 
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, where: str) -> None:
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except FileNotFoundError as exc:
+        missing = "cert_file" if not cert.exists() else "key_file"
+        raise ConfigError(f"{where}.{missing}: no such file {exc.filename}") from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{where}.cert_file/key_file: cannot load the certificate {cert} with the key {key}: {exc}"
+        ) from exc
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: Path, where: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}.ca_file: cannot load CA certificates from {ca}: {exc}") from exc
+
+
+def server_ssl_context(tls: DicomTlsSettings, *, where: str = "dicom.tls") -> ssl.SSLContext:
+    """The SCP's TLS context: TLS 1.2+, our certificate, client certificates checked against ``ca_file``.
+
+    Raises:
+        ConfigError: a file cannot be read or does not hold what it should (names the key).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, tls.cert_file, tls.key_file, where)
+    if tls.ca_file is not None:
+        _load_ca(ctx, tls.ca_file, where)
+    if tls.require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca_file is not None:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_ssl_context(tls: TlsClientSettings, *, where: str) -> ssl.SSLContext:
+    """A TLS 1.2+ client context for a DIMSE peer: server verified unless ``verify`` is off.
+
+    Args:
+        tls: the destination's ``tls`` section.
+        where: the settings key, for messages (``destinations.NAME.tls``).
+
+    Raises:
+        ConfigError: a file cannot be read or does not hold what it should (names the key).
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ca_file is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load_ca(ctx, tls.ca_file, where)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None and tls.key_file is not None:
+        _load_chain(ctx, tls.cert_file, tls.key_file, where)
+    return ctx
+
+
+def _subject(cert: dict[str, Any] | None) -> str:
+    if not cert:
+        return "no certificate"
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
+    parts = [f"{short.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    return ",".join(parts) or "empty subject"
+
+
 class NodeAssociationServer(ThreadedAssociationServer):
-    """The association server: TCP_NODELAY on every connection."""
+    """The association server: TCP_NODELAY on every connection; TLS handshakes off the accept thread."""
 
     reuse_port = False
+    #: set by :class:`StorageSCP` when ``dicom.tls`` is configured
+    tls_context: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
 
     def server_bind(self) -> None:
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
@@ -191,7 +272,29 @@ class NodeAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
         _nodelay(sock)
+        if self.tls_context is not None:
+            # Wrapping is instant; the handshake waits for the connection's thread.
+            sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            address = client_address[0] if isinstance(client_address, tuple) else client_address
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+                logger.warning("TLS handshake with %s failed; connection closed: %s", address, reason)
+                # pynetdicom's server closes a request only when finishing it raises.
+                self.shutdown_request(request)
+                return
+            logger.info(
+                "TLS connection from %s (%s, client %s)", address, request.version(), _subject(request.getpeercert())
+            )
+        super().finish_request(request, client_address)
 
 
 class ReusePortServer(NodeAssociationServer):
@@ -214,8 +317,9 @@ class StorageSCP:
         self.ingestor = ingestor
         self.reuse_port = reuse_port
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts]
-        self._server: ThreadedAssociationServer | None = None
+        self._server: NodeAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self._tls = server_ssl_context(settings.tls) if settings.tls is not None else None
         self.stored = 0
         self.refused = 0
         _install_pynetdicom_hooks()
@@ -264,11 +368,20 @@ class StorageSCP:
             evt_handlers=self.handlers(),
             server_class=ReusePortServer if self.reuse_port else NodeAssociationServer,
         )
-        self._server = cast(ThreadedAssociationServer, server)
+        self._server = cast(NodeAssociationServer, server)
+        if self._tls is not None and s.tls is not None:
+            self._server.tls_context = self._tls
+            self._server.handshake_timeout_s = s.tls.handshake_timeout_s
         self.ae._servers.append(self._server)  # so that ae.shutdown() stops it
         self._thread = threading.Thread(target=self._server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
-        logger.info("DICOM SCP %s listening on %s:%d", s.ae_title, s.host, self.port)
+        logger.info(
+            "DICOM SCP %s listening on %s:%d%s",
+            s.ae_title,
+            s.host,
+            self.port,
+            " (DICOM TLS" + (", client certificates required)" if s.tls.require_client_cert else ")") if s.tls else "",
+        )
         if not s.allowed_calling_aes:
             logger.warning(
                 "dicom.allowed_calling_aes is empty: any calling AE may store to %s on port %d", s.ae_title, self.port

@@ -1,9 +1,15 @@
 """Assembles the stages of ``pacs-node serve``.
 
 Stages share only the database and the file store: the SCP and its indexer
-(receive), the router, the inference workers (child processes), and retention. ``dicom.processes > 1`` runs extra SCP
+(receive), the router, the inference workers (child processes), the dispatcher
+(sending results), and retention. ``dicom.processes > 1`` runs extra SCP
 processes that share the port (SO_REUSEPORT), each with its own indexer, so
 that several associations are not serialised on one interpreter lock.
+
+With ``queue.backend: celery`` (distributed mode) serve runs no inference
+workers: an :class:`~pacs_node.distributed.Enqueuer` publishes PENDING jobs to
+the broker and reaps expired job leases, and ``pacs-node worker`` processes on
+any number of hosts run the jobs.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import multiprocessing as mp
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pacs_node.config import Settings
+from pacs_node.dispatch import Dispatcher
+from pacs_node.http import HttpServer
 from pacs_node.indexer import Indexer
 from pacs_node.ingest import Ingestor
 from pacs_node.retention import Retention
@@ -23,6 +32,9 @@ from pacs_node.scp import StorageSCP
 from pacs_node.worker import WorkerSupervisor
 from storage.db import Database
 from storage.filestore import FileStore
+
+if TYPE_CHECKING:
+    from pacs_node.distributed import Enqueuer
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +80,23 @@ class Node:
         self.store = open_store(settings)
         self.db = Database(settings.db_url)
         self.receiver = Receiver(settings, self.db, self.store, reuse_port=settings.dicom.processes > 1)
-        self.router = Router(settings, self.db)
-        self.retention = Retention(settings.retention, self.db, self.store)
-        self.workers = WorkerSupervisor(settings, self.db)
+        # raises ConfigError for a non-loopback http.host without a token
+        self.http: HttpServer | None = (
+            HttpServer(settings, self.db, self.store, self.receiver.ingestor) if settings.http.enabled else None
+        )
+        self.enqueuer: Enqueuer | None = None
+        self.workers: WorkerSupervisor | None = None
+        if settings.distributed:
+            from pacs_node.distributed import Enqueuer
+
+            self.enqueuer = Enqueuer(settings, self.db, self.store)
+        else:
+            self.workers = WorkerSupervisor(settings, self.db)
+        self.router = Router(settings, self.db, on_pending=self.enqueuer.wake if self.enqueuer else None)
+        self.retention = Retention(settings.retention, self.db, self.store, data_dir=settings.data_dir)
+        self.dispatcher: Dispatcher | None = (
+            Dispatcher(settings, self.db, self.store) if settings.dispatch.enabled else None
+        )
         self._children: list[mp.process.BaseProcess] = []
 
     @property
@@ -93,13 +119,20 @@ class Node:
         if recovered:
             logger.info("recovery: indexed %d acknowledged instances", recovered)
         self.receiver.start()
+        if self.http is not None:
+            self.http.start()
         ctx = mp.get_context("spawn")
         for i in range(self.settings.dicom.processes - 1):
             proc = ctx.Process(target=_receiver_process, args=(self.settings,), name=f"scp-{i + 1}", daemon=True)
             proc.start()
             self._children.append(proc)
         self.router.start()
-        self.workers.start()
+        if self.workers is not None:
+            self.workers.start()
+        if self.enqueuer is not None:
+            self.enqueuer.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
         self.retention.start()
         logger.info(
             "pacs-node serving: AE %s on %s:%d, data in %s, database %s",
@@ -111,17 +144,30 @@ class Node:
         )
 
     def stop(self) -> None:
-        """Stop every stage; acknowledged instances are indexed before return."""
-        self.workers.stop()
-        for proc in self._children:
-            proc.terminate()
-        for proc in self._children:
-            proc.join(30)
-        self._children.clear()
-        self.receiver.stop()
-        self.router.stop()
-        self.retention.stop()
-        self.db.dispose()
+        """Stop every stage; acknowledged instances are indexed before return.
+
+        The dispatcher stops first: a send under way finishes its current
+        instance and what it still held goes back to the queue.
+        """
+        try:
+            if self.http is not None:  # STOW requests finish before the indexer stops
+                self.http.stop()
+            if self.dispatcher is not None:
+                self.dispatcher.stop()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
+            if self.enqueuer is not None:
+                self.enqueuer.stop()
+            for proc in self._children:
+                proc.terminate()
+            for proc in self._children:
+                proc.join(30)
+            self._children.clear()
+            self.receiver.stop()
+            self.router.stop()
+            self.retention.stop()
+            self.db.dispose()
 
 
 def _receiver_process(settings: Settings) -> None:  # pragma: no cover - runs in a child

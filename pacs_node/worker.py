@@ -1,14 +1,24 @@
 """The inference worker: claims PENDING jobs (STAT first) and runs their pipeline.
 
-Workers are child processes of ``pacs-node serve``, each keeping its models
-warm. The parent's :class:`WorkerSupervisor` enforces each pipeline's time
-limit (a job that runs too long is stopped by killing its worker, failed with
-that reason, and the worker restarted) and recovers from a worker that dies
-(its job is retried up to ``worker.max_attempts`` runs, then failed). A job
-that fails never stops the worker.
+Embedded mode: workers are child processes of ``pacs-node serve``, each keeping
+its models warm. The parent's :class:`WorkerSupervisor` enforces each
+pipeline's time limit (a job that runs too long is stopped by killing its
+worker, failed with that reason, and the worker restarted) and recovers from a
+worker that dies (its job is retried up to ``worker.max_attempts`` runs, then
+failed). A job that fails never stops the worker.
 
-:func:`execute_job` is the plain function that does one job; the loop and the
-supervisor are glue around it.
+Distributed mode (``queue.backend: celery``): a broker message names a job and
+the attempt it was published for; :func:`run_queued_job` claims exactly that
+job with one conditional UPDATE (a duplicate or stale message changes nothing),
+renews the job's lease with a :class:`Heartbeat` while it runs, and calls the
+same :func:`execute_job`.
+
+:func:`execute_job` is the plain function that does one job; the loops, the
+supervisor and the Celery task are glue around it. It stores a job's outputs,
+queues their deliveries and moves the job to DONE in one transaction, and only
+while this worker still holds the job: a worker whose lease was taken over (it
+was presumed dead, the job re-queued) discards its result, so a job's outputs
+exist once whatever the timing.
 """
 
 from __future__ import annotations
@@ -21,13 +31,15 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from pacs_node.config import Settings
 from pacs_node.results import build_outputs, emit_notices, store_outputs
@@ -51,6 +63,90 @@ class Runner(Protocol):
 
 
 RunnerFactory = Callable[[str, bool], Runner]
+
+
+def db_now(db: Database) -> Any:
+    """The current time for leases: the database server's clock on PostgreSQL (hosts' clocks differ), ours on SQLite."""
+    return func.now() if db.dialect == "postgresql" else utcnow()
+
+
+def claim_job(db: Database, job_id: int, worker_id: str, attempts: int) -> bool:
+    """Move job ``job_id`` from PENDING to RUNNING for ``worker_id`` if it is still at ``attempts`` runs.
+
+    One conditional UPDATE: of several deliveries of the same message (a
+    broker's redelivery, a re-publication) exactly one wins; a message for a job
+    that is running, finished, cancelled or was re-queued since (its attempts
+    moved on) changes nothing and returns False.
+    """
+    now = db_now(db)
+    with db.session() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.PENDING, Job.attempts == attempts)
+            .values(
+                state=JobState.RUNNING,
+                worker_id=worker_id,
+                started_at=now,
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+def renew_lease(db: Database, job_id: int, worker_id: str) -> bool:
+    """Set the job's heartbeat to now if ``worker_id`` still holds it RUNNING; False when it does not."""
+    now = db_now(db)
+    with db.session() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id)
+            .values(heartbeat_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+class Heartbeat:
+    """Renews a running job's lease every ``interval_s`` in a thread, until the ``with`` block ends.
+
+    A failed renewal (database unreachable) is logged and retried at the next
+    beat; a lost lease (the job was re-queued or failed meanwhile) is logged once.
+    """
+
+    def __init__(self, db: Database, job_id: int, worker_id: str, interval_s: float) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.interval_s = interval_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                held = renew_lease(self.db, self.job_id, self.worker_id)
+            except Exception as exc:
+                logger.warning("job %d: lease not renewed (%s); retrying", self.job_id, exc)
+                continue
+            if not held and not self.lost:
+                self.lost = True
+                logger.warning(
+                    "job %d: worker %s no longer holds it (lease expired or time limit); its result will be discarded",
+                    self.job_id,
+                    self.worker_id,
+                )
 
 
 def claim_next(db: Database, worker_id: str) -> int | None:
@@ -117,14 +213,23 @@ def execute_job(
     db: Database,
     store: FileStore,
     runner_for: RunnerFactory,
+    *,
+    worker_id: str | None = None,
 ) -> JobState:
-    """Run one claimed job to DONE or FAILED; never raises for a job's own failure."""
+    """Run one claimed job to DONE or FAILED; never raises for a job's own failure.
+
+    ``worker_id`` is the claimant; a job held by another worker by now (this
+    one's lease expired before it started) is left alone.
+    """
     from inference.errors import InferenceError, ModelPackageError
 
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None or job.state is not JobState.RUNNING:
             return job.state if job else JobState.CANCELLED
+        if worker_id is not None and job.worker_id != worker_id:
+            logger.warning("job %d: now held by worker %s, not %s; not run here", job_id, job.worker_id, worker_id)
+            return job.state
         session.expunge(job)
     t0 = time.perf_counter()
     try:
@@ -143,35 +248,53 @@ def execute_job(
         result.save_labels(label_path)
         t2 = time.perf_counter()
         built = build_outputs(settings, job, result, inputs, runner.manifest)
-        store_outputs(settings, db, store, job_id, built)
-        t_outputs = time.perf_counter() - t2
-        timings = {
-            "load_model": round(t_load, 3),
-            "read_inputs": round(t_read, 3),
-            **result.timings,
-            "outputs": round(t_outputs, 3),
-        }
-        timings["total"] = round(time.perf_counter() - t0, 3)
-        with db.session() as session:
-            row = session.get(Job, job_id)
-            if row is None or row.state is not JobState.RUNNING or row.worker_id != job.worker_id:
-                logger.warning(
-                    "job %d was taken away while running (state %s); result discarded", job_id, row and row.state
+        timings: dict[str, float] = {}
+
+        def finish(session: Session) -> None:
+            """In the outputs' transaction, before it commits: DONE, if this worker still holds the job."""
+            timings.update({"load_model": round(t_load, 3), "read_inputs": round(t_read, 3), **result.timings})
+            timings["outputs"] = round(time.perf_counter() - t2, 3)
+            timings["total"] = round(time.perf_counter() - t0, 3)
+            now = utcnow()
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == job.worker_id)
+                .values(
+                    state=JobState.DONE,
+                    finished_at=now,
+                    updated_at=now,
+                    metrics=result.metrics,
+                    timings=timings,
+                    model_name=result.model["name"],
+                    model_version=result.model["version"],
+                    model_checksums=result.model["checksums"],
+                    result_path=(
+                        str(label_path.relative_to(settings.data_dir))
+                        if label_path.is_relative_to(settings.data_dir)
+                        else str(label_path)
+                    ),
+                    reason=None,
                 )
-                return row.state if row else JobState.CANCELLED
-            row.state = JobState.DONE
-            row.finished_at = utcnow()
-            row.metrics = result.metrics
-            row.timings = timings
-            row.model_name = result.model["name"]
-            row.model_version = result.model["version"]
-            row.model_checksums = result.model["checksums"]
-            row.result_path = (
-                str(label_path.relative_to(settings.data_dir))
-                if label_path.is_relative_to(settings.data_dir)
-                else str(label_path)
+                .execution_options(synchronize_session=False)
             )
-            row.reason = None
+            if int(done.rowcount) != 1:  # type: ignore[attr-defined]
+                raise _LeaseLost
+
+        try:
+            store_outputs(settings, _FencedDatabase(db, finish), store, job_id, built)
+        except _LeaseLost:
+            with db.session() as session:
+                row = session.get(Job, job_id)
+                state = row.state if row else JobState.CANCELLED
+                owner = row.worker_id if row else None
+            logger.warning(
+                "job %d was taken away while running (now %s, worker %s); result of worker %s discarded",
+                job_id,
+                state.value,
+                owner,
+                job.worker_id,
+            )
+            return state
         logger.info(
             "job %d DONE: pipeline %s in %.1f s (%s)",
             job_id,
@@ -189,6 +312,68 @@ def execute_job(
         reason, kind = f"internal error ({type(exc).__name__}: {exc}); see the node's log", "internal"
     _fail(db, job_id, reason, worker_id=job.worker_id, kind=kind)
     return JobState.FAILED
+
+
+class _LeaseLost(Exception):
+    """The job is no longer held by the worker that ran it (re-queued, failed by a time limit)."""
+
+
+class _FencedDatabase(Database):
+    """The database as :func:`store_outputs` sees it from a worker: its transaction also runs ``fence``.
+
+    ``store_outputs`` writes the files, then records outputs and deliveries in
+    one ``db.session()``; ``fence`` runs in that session just before it commits
+    (moving the job to DONE, or raising :class:`_LeaseLost` to roll everything
+    back). Shares the real database's engine; disposing is left to its owner.
+    """
+
+    def __init__(self, db: Database, fence: Callable[[Session], None]) -> None:  # no engine of its own
+        self.url = db.url
+        self.engine = db.engine
+        self.sessions = db.sessions
+        self._fence = fence
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            try:
+                yield session
+                self._fence(session)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        """Nothing: the engine belongs to the wrapped database."""
+
+
+def run_queued_job(
+    job_id: int,
+    attempts: int,
+    worker_id: str,
+    settings: Settings,
+    db: Database,
+    store: FileStore,
+    runner_for: RunnerFactory,
+) -> JobState | None:
+    """Run the job a broker message names, if this worker wins its claim (distributed mode).
+
+    Returns the job's final state, or ``None`` when the message was a duplicate
+    or stale (the job is running elsewhere, finished, or was re-queued since):
+    nothing was changed and the message can be acknowledged.
+    """
+    if not claim_job(db, job_id, worker_id, attempts):
+        with db.session() as session:
+            row = session.get(Job, job_id)
+            now_state = f"{row.state.value}, {row.attempts} runs" if row else "no such job"
+        logger.info(
+            "job %d: message for run %d is a duplicate or stale (%s); nothing to do", job_id, attempts + 1, now_state
+        )
+        return None
+    logger.info("worker %s runs job %d (run %d)", worker_id, job_id, attempts + 1)
+    with Heartbeat(db, job_id, worker_id, settings.queue.heartbeat_s):
+        return execute_job(job_id, settings, db, store, runner_for, worker_id=worker_id)
 
 
 def _fail(db: Database, job_id: int, reason: str, *, worker_id: str | None = None, kind: str = "internal") -> None:
@@ -244,7 +429,7 @@ def worker_loop(
                 stop.wait(settings.worker.poll_interval_s)
                 continue
             logger.info("worker %s runs job %d", worker_id, job_id)
-            execute_job(job_id, settings, db, store, runners)
+            execute_job(job_id, settings, db, store, runners, worker_id=worker_id)
     finally:
         db.dispose()
 

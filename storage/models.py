@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 typed models: studies, series, instances and jobs.
+"""SQLAlchemy 2.0 typed models: studies, series, instances, jobs, outputs and deliveries.
 
 Every stage moves rows through explicit states so that it can be re-run after a
 crash. Times are timezone-aware UTC.
@@ -10,7 +10,19 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -87,6 +99,12 @@ class Study(Base):
     """A study, keyed by its Study Instance UID."""
 
     __tablename__ = "study"
+    #: the dashboard's counts of recent studies and exact searches (migration 0007)
+    __table_args__ = (
+        Index("ix_study_created_at", "created_at"),
+        Index("ix_study_patient_id", "patient_id"),
+        Index("ix_study_accession_number", "accession_number"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -163,7 +181,11 @@ class Job(Base):
     """A pipeline run over one series or several series of a study."""
 
     __tablename__ = "job"
-    __table_args__ = (Index("ix_job_state_rank", "state", "priority_rank", "id"),)
+    __table_args__ = (
+        Index("ix_job_state_rank", "state", "priority_rank", "id"),
+        # the dashboard's lists of one state, newest first (migration 0007)
+        Index("ix_job_state_id", "state", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
@@ -183,8 +205,13 @@ class Job(Base):
     required_complete_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: when it last became PENDING (created, assembled or re-queued): queueing time is started_at - queued_at
+    queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    #: distributed mode: when serve last published it to the broker (NULL: to publish)
+    published_at: Mapped[datetime | None]
     # Execution (filled by the worker)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: the worker holding a RUNNING job; with heartbeat_at, its lease (distributed mode: queue.lease_s)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None]
     model_name: Mapped[str | None] = mapped_column(String(128))
@@ -229,5 +256,60 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     superseded_at: Mapped[datetime | None]
     superseded_by_job_id: Mapped[int | None] = mapped_column(Integer)
+    #: when retention deleted its file (the row stays for the history)
+    purged_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class DeliveryState(str, enum.Enum):
+    """Life of one output's delivery to one destination."""
+
+    PENDING = "pending"  # due at next_attempt_at (or now when that is empty)
+    IN_PROGRESS = "in_progress"  # claimed by a dispatcher (worker_id) until lease_until
+    DELIVERED = "delivered"  # the destination accepted it (success or warning status)
+    FAILED = "failed"  # dead letter: refused permanently, too many attempts or too old
+    CANCELLED = "cancelled"  # an operator cancelled it
+
+    @property
+    def terminal(self) -> bool:
+        """No further transitions happen on their own."""
+        return self in (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.CANCELLED)
+
+
+TERMINAL_DELIVERY_STATES = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.CANCELLED)
+
+
+class Delivery(Base):
+    """One output sent to one named destination, with its retry state and lease."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination", name="uq_delivery_output_destination"),
+        # the dashboard: counts per destination and state, lists of one state newest first (migration 0007)
+        Index("ix_delivery_destination_state", "destination", "state"),
+        Index("ix_delivery_state_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("output.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    #: the destination's name in the configuration (``return-to-sender`` for the route option)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    #: the last DICOM status (C-STORE) or HTTP status (STOW-RS) received
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: the destination refused it permanently (no further retries on their own)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None]
+
+    output: Mapped[Output] = relationship()

@@ -19,7 +19,13 @@ def test_embedded_defaults_need_no_file() -> None:
     assert (s.http.host, s.http.port) == ("127.0.0.1", 8080)
     assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("pacs-node-data/pacs-node.db")
     assert s.routing.series_quiet_s == 30 and s.routing.late_instances is LateInstancePolicy.RERUN
-    assert s.routes == () and s.pipelines == {}
+    # the three demo pipelines, routed to no destination until a site configures one
+    assert [r.name for r in s.routes] == ["stroke-mr", "dentate-qsm", "kidney-ct-mr"]
+    assert all(r.destinations == () for r in s.routes)
+    models = Path(__file__).resolve().parent.parent / "models"
+    expected = {k: models / k for k in ("stroke", "dentate", "kidney")}
+    assert {k: Path(p.model) for k, p in s.pipelines.items()} == expected
+    assert s.pipelines["stroke"].inputs["flair"].required is False
 
 
 def test_settings_are_immutable() -> None:

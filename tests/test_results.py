@@ -21,7 +21,7 @@ from pacs_node.config import Settings
 from pacs_node.results import emit_notices
 from pacs_node.synthetic import make_oriented_series
 from pacs_node.worker import RunnerCache, claim_next, execute_job
-from storage.models import Job, JobState, Output, OutputKind
+from storage.models import Delivery, DeliveryState, Job, JobState, Output, OutputKind
 from tests.conftest import dciodvfy
 from tests.model_packages import two_spheres
 from tests.test_router import Harness
@@ -47,6 +47,15 @@ def _run_all(h: Harness, runners: RunnerCache) -> list[Job]:
         execute_job(job_id, h.settings, h.db, h.store, runners)
     with h.db.session() as s:
         return list(s.scalars(select(Job).order_by(Job.id)))
+
+
+def _deliveries(h: Harness) -> list[Delivery]:
+    with h.db.session() as s:
+        return list(s.scalars(select(Delivery).order_by(Delivery.id)))
+
+
+def _by_id(h: Harness) -> dict[int, Output]:
+    return {o.id: o for o in _outputs(h)}
 
 
 def _outputs(h: Harness) -> list[Output]:
@@ -94,6 +103,15 @@ def test_done_job_stores_seg_sr_and_key_image_in_the_source_study(
         png = by_kind[OutputKind.KEY_IMAGE].png_path
         assert png and (h.settings.data_dir / png).read_bytes().startswith(b"\x89PNG")
 
+        # One delivery per output and destination, with the SEG type each destination asked for.
+        by_id = _by_id(h)
+        wanted = {(d.destination, by_id[d.output_id].kind.value) for d in _deliveries(h)}
+        assert wanted == {
+            ("pacs", "SEG"), ("pacs", "SR"), ("pacs", "KEY_IMAGE"),
+            ("viewer", "SEG_LABELMAP"), ("viewer", "SR"), ("viewer", "KEY_IMAGE"),
+        }  # fmt: skip
+        assert {d.state for d in _deliveries(h)} == {DeliveryState.PENDING}
+
         # Re-running the same inputs writes the same UIDs and supersedes the first run's rows.
         with h.db.session() as s:
             s.add(Job(study_id=job.study_id, pipeline="spheres", route="spheres", state=JobState.PENDING,
@@ -106,6 +124,9 @@ def test_done_job_stores_seg_sr_and_key_image_in_the_source_study(
         assert first == second, "re-processing the same input must yield the same UIDs"
         assert all(o.superseded_at is not None for o in outs2 if o.job_id == job.id)
         assert all(o.superseded_at is None for o in outs2 if o.job_id == jobs[-1].id)
+        # The first run's deliveries, never sent, are cancelled; the re-run's are queued.
+        states = {(d.job_id, d.state) for d in _deliveries(h)}
+        assert states == {(job.id, DeliveryState.CANCELLED), (jobs[-1].id, DeliveryState.PENDING)}
     finally:
         h.close()
 
@@ -146,6 +167,7 @@ def test_input_failure_yields_a_not_processed_notice(
         assert emit_notices(h.settings, h.db, h.store) == 0, "one notice per job"
         [notice] = _outputs(h)
         assert notice.kind is OutputKind.NOTICE
+        assert {(d.output_id, d.destination) for d in _deliveries(h)} == {(notice.id, "pacs"), (notice.id, "viewer")}
         ds = dcmread(h.store.path(notice.path))
         assert ds.StudyInstanceUID == series[0].StudyInstanceUID and ds.Manufacturer == "pacs-node"
         texts = [item.TextValue for item in ds.ContentSequence if "TextValue" in item]

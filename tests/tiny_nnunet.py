@@ -157,7 +157,7 @@ def _random_patch(data: np.ndarray, seg: np.ndarray, rng: np.random.Generator) -
     return data[sl], seg[sl]
 
 
-def build_tiny_nnunet(root: Path, *, seed: int = 0, n_cases: int = 8, steps: int = 300) -> Path:
+def build_tiny_nnunet(root: Path, *, seed: int = 0, n_cases: int = 8, steps: int = 450) -> Path:
     """Build a tiny, trained nnU-Net v2 results folder under ``root``.
 
     Args:
