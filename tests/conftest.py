@@ -40,16 +40,24 @@ def free_port() -> int:
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+    details: Callable[[], str] | None = None,
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``.
+
+    ``details``, when given, is called on a timeout and its text added to the failure (the state seen last).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            extra = f"; last seen: {details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(interval)
 
 

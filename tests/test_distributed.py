@@ -356,18 +356,19 @@ def test_two_workers_run_twenty_jobs_once_and_finish_the_job_of_a_killed_worker(
     config = write_config(tmp_path / "pacs-node.yaml", cfg)
     workers = {name: start_worker(children, config, tmp_path, name, "neuro,abdomen") for name in ("wa", "wb")}
 
-    # One larger series (a job of a few seconds, to be killed in), then 19 small ones.
-    big = make_oriented_series(
-        two_spheres(), rows=64, cols=64, slices=32, SeriesDescription="brain big", ImagesInAcquisition=32
-    )
+    # 19 small series, then one larger one whose job (a few seconds) is killed while it runs. The larger is sent
+    # last so that its job cannot have finished before the test starts watching for it.
     small = [
         make_oriented_series(
             two_spheres(), rows=32, cols=32, slices=16, SeriesDescription=f"{kind} {i}", ImagesInAcquisition=16
         )
         for i, kind in enumerate(["brain"] * 9 + ["belly"] * 10)
     ]
+    big = make_oriented_series(
+        two_spheres(), rows=128, cols=128, slices=48, SeriesDescription="brain big", ImagesInAcquisition=48
+    )
     big_uid = str(big[0].SeriesInstanceUID)
-    for i, series in enumerate([big, *small]):
+    for i, series in enumerate([*small, big]):
         files = write_series(tmp_path / "in" / str(i), series)
         statuses = send_files("127.0.0.1", node.scp.port, [str(f) for f in files], called_ae="PACSNODE")
         assert set(statuses.values()) == {0}
@@ -379,9 +380,18 @@ def test_two_workers_run_twenty_jobs_once_and_finish_the_job_of_a_killed_worker(
     def big_running() -> Job | None:
         for w in workers.values():
             w.check_alive()
-        return next((j for j in jobs() if j.inputs.get("image") == big_uid and j.state is JobState.RUNNING), None)
+        big_job = next((j for j in jobs() if j.inputs.get("image") == big_uid), None)
+        if big_job is not None and big_job.state in (JobState.DONE, JobState.FAILED):
+            raise AssertionError(
+                f"the big job ended ({big_job.state.value}, {big_job.reason}) before it was seen running; "
+                f"worker logs:\n{workers['wa'].log()[-3000:]}\n{workers['wb'].log()[-3000:]}"
+            )
+        return big_job if big_job is not None and big_job.state is JobState.RUNNING else None
 
-    running = wait_for(big_running, 120, 0.05, "the big job to run on a worker")
+    def states() -> str:
+        return ", ".join(f"{j.id}:{j.state.value}/{j.attempts}" for j in jobs())
+
+    running = wait_for(big_running, 120, 0.05, "the big job to run on a worker", details=states)
     victim_name = (running.worker_id or "").split("@")[0]
     assert victim_name in workers, running.worker_id
     survivor_name = next(n for n in workers if n != victim_name)
@@ -395,7 +405,7 @@ def test_two_workers_run_twenty_jobs_once_and_finish_the_job_of_a_killed_worker(
         assert not failed, [(j.id, j.reason) for j in failed]
         return js if len(js) == 20 and all(j.state is JobState.DONE for j in js) else None
 
-    done = wait_for(all_done, 150, 0.2, "twenty jobs DONE")
+    done = wait_for(all_done, 150, 0.2, "twenty jobs DONE", details=states)
     big_job = next(j for j in done if j.inputs["image"] == big_uid)
     assert big_job.attempts == 2 and (big_job.worker_id or "").startswith(f"{survivor_name}@"), (
         big_job.attempts,
