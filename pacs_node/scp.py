@@ -7,14 +7,10 @@ received bytes in chunks to a temporary file on the store's filesystem
 rename into the journal) and returns a status. pynetdicom sends the response
 only after the handler returns, so Success means the instance is on disk.
 
-Reaches into pynetdicom 3.0 internals (pinned in setup.cfg) in two places:
-
-* the temporary files of chunked receive are created in the store's
-  ``.incoming`` folder rather than the system temp dir, so that acknowledging
-  is a rename, not a copy;
-* the DUL provider refuses a PDU longer than the maximum we negotiated
-  (pynetdicom would buffer any length a peer announces) by aborting the
-  association.
+pynetdicom's transport is adjusted in :mod:`pacs_node.dul` (pinned 3.0.x): chunked
+receives land in receive slots of the store (acknowledging is a rename and a
+commit record, not a copy), a PDU longer than the negotiated maximum aborts the association, and the
+reactors wait on their socket and queues instead of polling every millisecond.
 
 With ``dicom.tls`` the port speaks DICOM TLS (TLS 1.2 or later). pynetdicom
 would run each TLS handshake on its accept thread, where one slow client holds
@@ -28,20 +24,18 @@ import ipaddress
 import logging
 import socket
 import ssl
-import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from tempfile import NamedTemporaryFile
 from typing import Any, cast
 
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom import association as _association
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.config import DicomSettings, DicomTlsSettings, TlsClientSettings
+from pacs_node.dul import NodeRequestHandler
+from pacs_node.dul import install as install_transport
 from pacs_node.errors import ConfigError, IngestError
 from pacs_node.ingest import Ingestor
 
@@ -69,111 +63,10 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
-#: PDUs other than P-DATA carry no pixel data; an A-ASSOCIATE-RQ with a few
-#: hundred presentation contexts is well under this.
-MAX_CONTROL_PDU = 1 << 20
-
 
 def storage_sop_classes() -> list[str]:
     """Every storage SOP class pynetdicom knows (CT, MR, enhanced, SEG, SR, SC, ...)."""
     return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-
-
-class LimitedDUL(DULServiceProvider):
-    """A DUL provider that aborts on a PDU longer than we agreed to receive,
-    and writes chunked receives to the store of the AE it serves."""
-
-    def run_reactor(self) -> None:
-        _incoming.folder = getattr(self.assoc.ae, "pacs_node_incoming_dir", None)
-        super().run_reactor()
-
-    def _max_pdu(self, pdu_type: int) -> int:
-        if pdu_type != 0x04:  # not P-DATA-TF
-            return MAX_CONTROL_PDU
-        assoc = self.assoc
-        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
-        limit = int(local.maximum_length or 0)
-        # 0 means 'unlimited' to pynetdicom; we never agree to that.
-        return limit + 6 if limit else MAX_CONTROL_PDU * 16
-
-    def _read_pdu_data(self) -> None:
-        sock = self.socket
-        if sock is None:
-            return super()._read_pdu_data()
-        try:
-            head = sock.recv(6)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")
-            return
-        if len(head) != 6:
-            self.event_queue.put("Evt17")
-            return
-        pdu_type, _, length = struct.unpack(">BBL", head)
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            logger.error("unknown PDU type 0x%02X from %s; aborting", pdu_type, _peer(self))
-            self.event_queue.put("Evt19")
-            return
-        limit = self._max_pdu(pdu_type)
-        if length > limit:
-            logger.error(
-                "PDU of %d bytes from %s exceeds the negotiated maximum of %d; aborting the association",
-                length,
-                _peer(self),
-                limit,
-            )
-            self.event_queue.put("Evt19")  # invalid PDU -> A-ABORT (AA-8)
-            return
-        try:
-            body = sock.recv(length)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")
-            return
-        if len(body) != length:
-            self.event_queue.put("Evt17")
-            return
-        data = bytearray(head)
-        data += body
-        try:
-            pdu, event = self._decode_pdu(data)
-        except Exception:
-            logger.exception("undecodable PDU from %s", _peer(self))
-            self.event_queue.put("Evt19")
-            return
-        self.event_queue.put(event)
-        self._recv_pdu.put(pdu)
-
-
-def _peer(dul: DULServiceProvider) -> str:
-    try:
-        return f"{dul.assoc.requestor.address}:{dul.assoc.requestor.port}"
-    except Exception:
-        return "peer"
-
-
-_patch_lock = threading.Lock()
-_patched = False
-# The DUL thread of each association records where its AE wants chunked
-# receives written; pynetdicom creates the temporary file from that thread.
-_incoming = threading.local()
-
-
-def _incoming_temp_file(*args: Any, **kwargs: Any) -> Any:
-    folder = getattr(_incoming, "folder", None)
-    if folder is not None:
-        kwargs.setdefault("dir", folder)
-    return NamedTemporaryFile(*args, **kwargs)
-
-
-def _install_pynetdicom_hooks() -> None:
-    """Chunked receive into each AE's store, and the PDU limit (idempotent)."""
-    global _patched
-    with _patch_lock:
-        if _patched:
-            return
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = _incoming_temp_file  # type: ignore[assignment]
-        _association.DULServiceProvider = LimitedDUL  # type: ignore[misc]
-        _patched = True
 
 
 def _nodelay(sock: socket.socket | None) -> None:
@@ -322,9 +215,9 @@ class StorageSCP:
         self._tls = server_ssl_context(settings.tls) if settings.tls is not None else None
         self.stored = 0
         self.refused = 0
-        _install_pynetdicom_hooks()
+        install_transport()
         self.ae = self._build_ae()
-        self.ae.pacs_node_incoming_dir = str(ingestor.store.incoming_dir)  # type: ignore[attr-defined]
+        self.ae.pacs_node_store = ingestor.store  # type: ignore[attr-defined]
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -367,6 +260,7 @@ class StorageSCP:
             (s.host, s.port),
             evt_handlers=self.handlers(),
             server_class=ReusePortServer if self.reuse_port else NodeAssociationServer,
+            request_handler=NodeRequestHandler,
         )
         self._server = cast(NodeAssociationServer, server)
         if self._tls is not None and s.tls is not None:
