@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from storage.errors import InvalidUID, StorageError, StorageFull
-from storage.journal import Journal, datasync, fsync_dir
+from storage.journal import Journal, datasync, datasync_path, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +162,7 @@ class FileStore:
                 self.journal.commit(tmp_path, target)
                 return target
             if self.fsync:
-                fd = os.open(tmp_path, os.O_RDONLY)
-                try:
-                    datasync(fd)
-                finally:
-                    os.close(fd)
+                datasync_path(tmp_path)
             os.rename(tmp_path, target)
             if self.fsync:
                 fsync_dir(self.acked_dir)

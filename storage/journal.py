@@ -66,6 +66,15 @@ def datasync(fd: int) -> None:
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
+def datasync_path(path: Path) -> None:
+    """fdatasync the file at ``path`` (its data and size)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        datasync(fd)
+    finally:
+        os.close(fd)
+
+
 def encode_record(slot_name: str, journal_name: str) -> bytes:
     """One commit record: the slot's file name and the journal name it was renamed to."""
     body = f"{slot_name}\0{journal_name}".encode("ascii")
@@ -140,11 +149,7 @@ class Journal:
         fdatasync of the slot, rename, then a commit record fdatasynced in the log.
         Raises what the system calls raise (OSError).
         """
-        fd = os.open(slot, os.O_RDONLY)
-        try:
-            datasync(fd)
-        finally:
-            os.close(fd)
+        datasync_path(slot)
         os.rename(slot, target)
         record = encode_record(slot.name, target.name)
         with self._lock:
