@@ -298,12 +298,22 @@ def nnunet_main(argv: Sequence[str]) -> int:
         with WorkerSampler() as workers:
             c0, t0 = _cpu_s(), time.perf_counter()
             predictor.predict_from_files(
-                [[nifti]], [ofile], save_probabilities=False, overwrite=True,
-                num_processes_preprocessing=1, num_processes_segmentation_export=1,
+                [[nifti]],
+                [ofile],
+                save_probabilities=False,
+                overwrite=True,
+                num_processes_preprocessing=1,
+                num_processes_segmentation_export=1,
             )
             t1, c1 = time.perf_counter(), _cpu_s()
-        out["cases"].append({"seconds": round(t1 - t0, 3), "cpu_s": round(c1 - c0, 3), "after": _memory(),
-                             "workers_peak_mb": sorted(workers.peaks.values(), reverse=True)})
+        out["cases"].append(
+            {
+                "seconds": round(t1 - t0, 3),
+                "cpu_s": round(c1 - c0, 3),
+                "after": _memory(),
+                "workers_peak_mb": sorted(workers.peaks.values(), reverse=True),
+            }
+        )
     out["threads"] = torch.get_num_threads()
     out["use_mirroring"] = bool(predictor.use_mirroring)
     Path(args.result).write_text(json.dumps(out))
@@ -390,10 +400,18 @@ def _median(values: Sequence[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both paths (default 2)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run each path N times (alternating node, nnunet, ...) and report medians (default 1)")
-    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out",
-                        help="folder for the tiny nnU-Net model (default benchmarks/out)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each path N times (alternating node, nnunet, ...) and report medians (default 1)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "benchmarks" / "out",
+        help="folder for the tiny nnU-Net model (default benchmarks/out)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the tiny nnU-Net model")
     parser.add_argument("--shape", type=int, nargs=3, default=(40, 192, 192), metavar=("Z", "Y", "X"))
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8), metavar=("Z", "Y", "X"))
@@ -438,11 +456,15 @@ def main() -> int:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         thr = ["--threads", str(args.threads)]
         for _ in range(args.repeat):
-            run_child(["_node", str(package), str(work / "node.json"), str(work / "labels"), *dicom_dirs, *thr],
-                      env, "node")
+            run_child(
+                ["_node", str(package), str(work / "node.json"), str(work / "labels"), *dicom_dirs, *thr], env, "node"
+            )
             runs["node"].append(json.loads((work / "node.json").read_text()))
-            run_child(["_nnunet", str(model_folder), str(work / "nnunet.json"), str(work / "nnunet_out"), *niftis,
-                       *thr], env, "nnunet")
+            run_child(
+                ["_nnunet", str(model_folder), str(work / "nnunet.json"), str(work / "nnunet_out"), *niftis, *thr],
+                env,
+                "nnunet",
+            )
             runs["nnunet"].append(json.loads((work / "nnunet.json").read_text()))
         if any(r["torchvision_imported"] for r in runs["node"]):
             raise BenchmarkError("the node's path imported torchvision")
@@ -483,35 +505,53 @@ def main() -> int:
         f"target spacing {target} mm, folds {list(FOLDS)}, mirroring (TTA) off"
     )
     for i, ((shape, spacing), (new_shape, sep)) in enumerate(zip(cases, resampled, strict=True)):
-        print(f"  case {i + 1}: {shape} at {spacing} mm -> nnU-Net grid {tuple(new_shape)} and back"
-              f"{' (z resampled separately)' if sep else ''}")
+        print(
+            f"  case {i + 1}: {shape} at {spacing} mm -> nnU-Net grid {tuple(new_shape)} and back"
+            f"{' (z resampled separately)' if sep else ''}"
+        )
     print()
     header = ["path", "case", "seconds", "cpu_s", "rss0_mb", "peak0_mb", "peak_mb", "workers_mb", "load_s"]
     rows = []
     for name in ("node", "nnunet"):
         for i in range(len(cases)):
-            rows.append([
-                name, f"{i + 1}{' warm' if i else ''}",
-                f"{med(name, i, 'seconds'):.2f}", f"{med(name, i, 'cpu_s'):.1f}",
-                f"{med_top(name, 'rss_mb'):.0f}", f"{med_top(name, 'maxrss_mb'):.0f}", f"{peak(name, i):.0f}",
-                f"{worker_peak(i):.0f}" if name == "nnunet" else "-",
-                f"{_median([r['load_s'] for r in runs[name]]):.2f}",
-            ])
+            rows.append(
+                [
+                    name,
+                    f"{i + 1}{' warm' if i else ''}",
+                    f"{med(name, i, 'seconds'):.2f}",
+                    f"{med(name, i, 'cpu_s'):.1f}",
+                    f"{med_top(name, 'rss_mb'):.0f}",
+                    f"{med_top(name, 'maxrss_mb'):.0f}",
+                    f"{peak(name, i):.0f}",
+                    f"{worker_peak(i):.0f}" if name == "nnunet" else "-",
+                    f"{_median([r['load_s'] for r in runs[name]]):.2f}",
+                ]
+            )
     widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)))
-    print("  rss0: RSS just before the first timed case (model loaded); peak0: RSS high-water mark then; "
-          "peak: high-water mark after the case (ru_maxrss);")
-    print("  workers: largest high-water mark among nnU-Net's spawned worker processes during the case; "
-          "cpu_s: user+system CPU of the path and its workers")
+    print(
+        "  rss0: RSS just before the first timed case (model loaded); peak0: RSS high-water mark then; "
+        "peak: high-water mark after the case (ru_maxrss);"
+    )
+    print(
+        "  workers: largest high-water mark among nnU-Net's spawned worker processes during the case; "
+        "cpu_s: user+system CPU of the path and its workers"
+    )
     print()
     stage_names = list(runs["node"][0]["cases"][0]["stages"])
     for i in range(len(cases)):
-        print(f"node stages, case {i + 1} (s): " + ", ".join(
-            f"{k} {_median([r['cases'][i]['stages'][k] for r in runs['node']]):.2f}" for k in stage_names))
+        print(
+            f"node stages, case {i + 1} (s): "
+            + ", ".join(f"{k} {_median([r['cases'][i]['stages'][k] for r in runs['node']]):.2f}" for k in stage_names)
+        )
     for i, (agr, lrn) in enumerate(zip(agreement, learnt, strict=True)):
-        print(f"Dice node vs nnU-Net, case {i + 1}: " + ", ".join(f"label {k} {v:.4f}" for k, v in agr.items())
-              + "; node vs phantom truth: " + ", ".join(f"label {k} {v:.4f}" for k, v in lrn.items()))
+        print(
+            f"Dice node vs nnU-Net, case {i + 1}: "
+            + ", ".join(f"label {k} {v:.4f}" for k, v in agr.items())
+            + "; node vs phantom truth: "
+            + ", ".join(f"label {k} {v:.4f}" for k, v in lrn.items())
+        )
     print()
     node_s, nnunet_s = med("node", 0, "seconds"), med("nnunet", 0, "seconds")
     warm_node, warm_nnunet = med("node", 1, "seconds"), med("nnunet", 1, "seconds")
@@ -525,8 +565,9 @@ def main() -> int:
         "warm_ratio": round(warm_node / warm_nnunet, 3),
         "node_cpu_s": round(med("node", 0, "cpu_s"), 2),
         "nnunet_cpu_s": round(med("nnunet", 0, "cpu_s"), 2),
-        "node_stages_s": {k: round(_median([r["cases"][0]["stages"][k] for r in runs["node"]]), 3)
-                          for k in stage_names},
+        "node_stages_s": {
+            k: round(_median([r["cases"][0]["stages"][k] for r in runs["node"]]), 3) for k in stage_names
+        },
         "node_rss_before_mb": med_top("node", "rss_mb"),
         "node_peak_mb": peak("node", 0),
         "nnunet_rss_before_mb": med_top("nnunet", "rss_mb"),
@@ -545,8 +586,9 @@ def main() -> int:
     }
     print(json.dumps(line))
     if line["min_dice_vs_nnunet"] < 0.99:
-        print(f"FAIL: the node's labels differ from nnU-Net's (Dice {line['min_dice_vs_nnunet']} < 0.99)",
-              file=sys.stderr)
+        print(
+            f"FAIL: the node's labels differ from nnU-Net's (Dice {line['min_dice_vs_nnunet']} < 0.99)", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -251,8 +251,7 @@ def run_demo(
     try:
         node.start()
         say(
-            f"pacs-node started: AE {settings.dicom.ae_title} on 127.0.0.1:{node.scp.port}, "
-            f"data in {settings.data_dir}"
+            f"pacs-node started: AE {settings.dicom.ae_title} on 127.0.0.1:{node.scp.port}, data in {settings.data_dir}"
         )
         say(f"demo PACS (receives the results): AE DEMOPACS on 127.0.0.1:{pacs_port}")
         cases = {}
