@@ -18,10 +18,9 @@ Two changes to pynetdicom's behaviour, both on the receive path of every associa
   message queue. Timers (ARTIM, the network idle timeout, release and abort requests)
   are still looked at every :data:`IDLE_TICK_S` when nothing happens.
 
-The chunked receive (``STORE_RECV_CHUNKED_DATASET``) writes each instance into a file
-the store of the association's AE hands out (``pacs_node_store``): a receive slot on
-the store's filesystem, so that acknowledging it is a rename and a commit record
-(:mod:`storage.journal`), not a copy.
+The chunked receive (``STORE_RECV_CHUNKED_DATASET``) writes its temporary files in the
+folder the association's AE names (``pacs_node_incoming_dir``: the store's own
+``.incoming``), so that acknowledging an instance is a rename, not a copy.
 
 :func:`install` applies all of it, once per process; it affects every association of the
 process, the node's own SCU associations (dispatch, ``pacs-node send``) included.
@@ -30,7 +29,6 @@ process, the node's own SCU associations (dispatch, ``pacs-node send``) included
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import select
 import socket
@@ -38,7 +36,6 @@ import ssl
 import struct
 import threading
 import time
-from pathlib import Path
 from tempfile import NamedTemporaryFile
 from typing import Any
 
@@ -60,8 +57,8 @@ IDLE_TICK_S = 0.01
 
 _PDU_TYPES = frozenset((0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07))
 
-# The DUL thread of each association records the store its AE receives into;
-# pynetdicom creates the file of a chunked receive from that thread.
+# The DUL thread of each association records where its AE wants chunked
+# receives written; pynetdicom creates the temporary file from that thread.
 _incoming = threading.local()
 
 
@@ -132,7 +129,7 @@ class NodeDUL(DULServiceProvider):
 
     def run_reactor(self) -> None:
         """pynetdicom's DUL loop (3.0.4), waiting in :meth:`_wait_for_work` instead of sleeping."""
-        _incoming.store = getattr(self.assoc.ae, "pacs_node_store", None)
+        _incoming.folder = getattr(self.assoc.ae, "pacs_node_incoming_dir", None)
         r, w = socket.socketpair()
         r.setblocking(False)
         w.setblocking(False)
@@ -299,30 +296,11 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
-class ReceiveFile:
-    """The file one chunked C-STORE is written into: a slot of the store (see :mod:`storage.journal`).
-
-    pynetdicom needs ``write``, ``file.flush()``, ``name`` and ``close``; it removes
-    ``name`` after the handler returned (the handler has renamed an acknowledged one).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
-        # no O_TRUNC: a slot is empty, and its name and inode stay as they were made durable
-        self.file = open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")  # noqa: SIM115 - pynetdicom closes it
-
-    def write(self, data: bytes) -> int:
-        return self.file.write(data)
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _incoming_temp_file(*args: Any, **kwargs: Any) -> Any:
-    store = getattr(_incoming, "store", None)
-    if store is None:  # an AE that is not the node's: pynetdicom's own temporary file
-        return NamedTemporaryFile(*args, **kwargs)
-    return ReceiveFile(store.new_incoming_path())
+    folder = getattr(_incoming, "folder", None)
+    if folder is not None:
+        kwargs.setdefault("dir", folder)
+    return NamedTemporaryFile(*args, **kwargs)
 
 
 _install_lock = threading.Lock()

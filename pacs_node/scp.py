@@ -8,8 +8,8 @@ rename into the journal) and returns a status. pynetdicom sends the response
 only after the handler returns, so Success means the instance is on disk.
 
 pynetdicom's transport is adjusted in :mod:`pacs_node.dul` (pinned 3.0.x): chunked
-receives land in receive slots of the store (acknowledging is a rename and a
-commit record, not a copy), a PDU longer than the negotiated maximum aborts the association, and the
+receives land in the store's ``.incoming`` folder (acknowledging is a rename, not
+a copy), a PDU longer than the negotiated maximum aborts the association, and the
 reactors wait on their socket and queues instead of polling every millisecond.
 
 With ``dicom.tls`` the port speaks DICOM TLS (TLS 1.2 or later). pynetdicom
@@ -217,7 +217,7 @@ class StorageSCP:
         self.refused = 0
         install_transport()
         self.ae = self._build_ae()
-        self.ae.pacs_node_store = ingestor.store  # type: ignore[attr-defined]
+        self.ae.pacs_node_incoming_dir = str(ingestor.store.incoming_dir)  # type: ignore[attr-defined]
 
     def _build_ae(self) -> AE:
         s = self.settings

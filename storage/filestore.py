@@ -2,20 +2,16 @@
 
 Layout under ``root``::
 
-    .slots/, .journal/            receive slots and commit logs (storage.journal)
-    .incoming/                    other temporary files (same filesystem)
+    .incoming/                    temporary files being received (same filesystem)
     .acked/<ns>-<SOPUID>.dcm      acknowledged, fsynced, not yet indexed: the journal
     .quarantine/                  files recovery could not index (kept, never deleted)
     <StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm
 
-An instance is acknowledged only once it is durable under a name recovery finds:
-received into a slot (:mod:`storage.journal`), fdatasynced, renamed into
-``.acked/`` and recorded in an fdatasynced commit log; or, for a file that is not
-a slot, fdatasynced, renamed into ``.acked/`` and that directory fsynced. The
-indexer records it in the database and then moves it to its final place. On
-start the commit logs are replayed, then whatever is in ``.acked/`` was
-acknowledged but not indexed: recovery indexes it (idempotently) without walking
-the whole store.
+An instance is acknowledged only after its bytes are fsynced and renamed into
+``.acked/`` and that directory is fsynced. The indexer records it in the database
+and then moves it to its final place. On start, whatever is still in ``.acked/``
+was acknowledged but not indexed: recovery indexes it (idempotently) without
+walking the whole store.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ import uuid
 from pathlib import Path
 
 from storage.errors import InvalidUID, StorageError, StorageFull
-from storage.journal import Journal, datasync, datasync_path, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +54,17 @@ def validate_uid(uid: object, what: str = "UID") -> str:
     return text
 
 
-def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull(f"disk full while storing {what}")
-    return StorageError(f"cannot store {what}: {exc.strerror}")
+def _datasync(fd: int) -> None:
+    # fdatasync skips timestamps but still flushes the size of a new file.
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileStore:
@@ -83,7 +85,6 @@ class FileStore:
         self.quarantine_dir = self.root / ".quarantine"
         for d in (self.root, self.incoming_dir, self.acked_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(self.root)
         self._space_lock = threading.Lock()
         self._space_checked = 0.0
         self._space_free = 0
@@ -133,23 +134,13 @@ class FileStore:
 
     # -- writing ---------------------------------------------------------------
     def new_incoming_path(self) -> Path:
-        """An empty file on the store's filesystem to receive one instance into.
-
-        With fsync on it is a journal slot, so that :meth:`acknowledge` needs no directory fsync.
-        """
-        if self.fsync:
-            try:
-                return self.journal.take_slot()
-            except OSError as exc:
-                raise _storage_error(exc, "an incoming instance") from exc
+        """A fresh temporary path on the store's filesystem."""
         return self.incoming_dir / f"{uuid.uuid4().hex}.part"
 
     def acknowledge(self, tmp_path: Path, sop_uid: str) -> Path:
         """Make a fully written temporary file durable in the journal directory.
 
-        ``tmp_path`` must be on the store's filesystem: a slot from
-        :meth:`new_incoming_path` (fdatasync, rename, commit record) or any other
-        file (fdatasync, rename, fsync of ``.acked/``). After this returns, the
+        ``tmp_path`` must be on the store's filesystem. After this returns, the
         file survives a crash or power loss and recovery will index it.
 
         Raises:
@@ -158,16 +149,19 @@ class FileStore:
         """
         target = self.acked_dir / f"{time.time_ns():020d}-{sop_uid}.dcm"
         try:
-            if self.fsync and self.journal.owns(tmp_path):
-                self.journal.commit(tmp_path, target)
-                return target
             if self.fsync:
-                datasync_path(tmp_path)
+                fd = os.open(tmp_path, os.O_RDONLY)
+                try:
+                    _datasync(fd)
+                finally:
+                    os.close(fd)
             os.rename(tmp_path, target)
             if self.fsync:
-                fsync_dir(self.acked_dir)
+                _fsync_dir(self.acked_dir)
         except OSError as exc:
-            raise _storage_error(exc, sop_uid) from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"disk full while storing {sop_uid}") from exc
+            raise StorageError(f"cannot store {sop_uid}: {exc.strerror}") from exc
         return target
 
     def write_file(self, rel: str, data: bytes) -> Path:
@@ -184,11 +178,11 @@ class FileStore:
                 fh.write(data)
                 fh.flush()
                 if self.fsync:
-                    datasync(fh.fileno())
+                    _datasync(fh.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             if self.fsync:
-                fsync_dir(final.parent)
+                _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -213,10 +207,10 @@ class FileStore:
         if not self.fsync:
             return
         for d in sorted(dirs):
-            fsync_dir(d)
-            fsync_dir(d.parent)
-        fsync_dir(self.root)
-        fsync_dir(self.acked_dir)
+            _fsync_dir(d)
+            _fsync_dir(d.parent)
+        _fsync_dir(self.root)
+        _fsync_dir(self.acked_dir)
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Set a file aside that cannot be indexed (never deleted automatically)."""
@@ -232,12 +226,11 @@ class FileStore:
         return sorted(p for p in self.acked_dir.iterdir() if p.suffix == ".dcm")
 
     def clean_incoming(self) -> int:
-        """Replay the commit logs, then remove temporary files of transfers that never completed.
+        """Remove temporary files of transfers that never completed.
 
-        Call only when no association is running (at start). Returns how many unfinished transfers were removed.
+        Call only when no association is running (at start).
         """
-        self.journal.replay()
-        n = self.journal.clear_slots()
+        n = 0
         for p in self.incoming_dir.iterdir():
             try:
                 p.unlink()
