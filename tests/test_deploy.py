@@ -26,11 +26,12 @@ DEPLOY = REPO / "deploy"
 SECRETS = {"POSTGRES_PASSWORD": "pg-test", "RABBITMQ_PASSWORD": "mq-test", "HTTP_TOKEN": "token-test"}
 
 
-def _compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _compose(*args: str, env: dict[str, str], overlays: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     exe = require_program("docker-compose")  # Debian's docker-compose; `config` needs no engine
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("COMPOSE_")}
+    files = [arg for name in ("docker-compose.yml", *overlays) for arg in ("-f", str(DEPLOY / name))]
     return subprocess.run(
-        [exe, "-f", str(DEPLOY / "docker-compose.yml"), *args],
+        [exe, *files, *args],
         capture_output=True,
         text=True,
         env={**clean, **env},
@@ -86,6 +87,29 @@ def test_compose_refuses_to_start_without_its_secrets() -> None:
     proc = _compose("config", env={k: v for k, v in SECRETS.items() if k != "POSTGRES_PASSWORD"})
     assert proc.returncode != 0
     assert "POSTGRES_PASSWORD" in proc.stderr
+
+
+def test_the_viewer_overlay_gives_the_node_the_ohif_the_tests_use() -> None:
+    """deploy/ohif/compose.viewer.yml on top of the site: OHIF fetched once into a volume the node serves."""
+    proc = _compose("config", env=SECRETS, overlays=("ohif/compose.viewer.yml",))
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert set(services) == {"node", "worker", "db", "broker", "orthanc", "ohif-fetch"}
+    node, fetch = services["node"], services["ohif-fetch"]
+    # the same OHIF release scripts/install_viewer.sh installs for the viewer tests
+    pinned = re.search(r'OHIF_VERSION="\$\{OHIF_VERSION:-([\d.]+)\}"', (REPO / "scripts/install_viewer.sh").read_text())
+    assert pinned is not None
+    script = " ".join(fetch["command"])
+    assert f"@ohif/app@{pinned.group(1)}" in script
+    viewer_dir = node["environment"]["PACS_NODE_HTTP__VIEWER_DIR"]
+    assert viewer_dir == f"/opt/ohif/{pinned.group(1)}/dist" and f"mv package/dist {viewer_dir}" in script
+    assert "ohif:/opt/ohif:ro" in node["volumes"] and fetch["volumes"] == ["ohif:/opt/ohif:rw"]
+    assert "pacs-data:/var/lib/pacs-node:rw" in node["volumes"]  # the site's own mounts stay
+    assert node["depends_on"]["ohif-fetch"]["condition"] == "service_completed_successfully"
+    # the variable is the node's own setting, and the worker does not need the viewer
+    settings = _load("distributed.yaml", RABBITMQ_PASSWORD="x", PACS_NODE_HTTP__VIEWER_DIR=viewer_dir)
+    assert str(settings.http.viewer_dir) == viewer_dir
+    assert "PACS_NODE_HTTP__VIEWER_DIR" not in services["worker"].get("environment", {})
 
 
 def _pip_steps(lines: list[str]) -> list[str]:

@@ -30,9 +30,10 @@ from pydicom import Dataset, dcmread
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigError
 from pacs_node.http import HttpServer
+from pacs_node.synthetic import make_series
 from storage.models import Study
 from tests.conftest import dimse
-from tests.http_support import http_node, node_settings
+from tests.http_support import http_node, node_settings, part10
 from tests.test_orthanc import Orthanc, start_orthanc  # noqa: F401  (fixture)
 from tests.viewer_support import (
     ViewerProxy,
@@ -125,6 +126,32 @@ def test_viewer_links_without_a_viewer_folder(make_settings: Callable[..., Setti
 
     with pytest.raises(ConfigError, match="holds no index.html"):
         HttpServer(settings, Database(settings.db_url), open_store(settings), ingestor=None)  # type: ignore[arg-type]
+
+
+def test_the_dashboard_links_each_study_to_the_viewer(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """Studies list, study page and job card open the study in the viewer the node serves, or the site's own."""
+    study = next(make_series(1, rows=8, cols=8))
+    with http_node(node_settings(make_settings, viewer_dir=str(_fake_dist(tmp_path / "dist")))) as node:
+        node.ingestor.receive_bytes(part10(study))
+        node.flush()
+        href = f'href="/viewer?StudyInstanceUIDs={study.StudyInstanceUID}"'
+        listing = httpx.get(node.url + "/ui/studies")
+        assert listing.status_code == 200 and href in listing.text and ">Viewer</a>" in listing.text
+        page = httpx.get(f"{node.url}/ui/studies/{study.StudyInstanceUID}")
+        assert page.status_code == 200 and href in page.text and "Open in viewer" in page.text
+        opened = httpx.get(node.url + f"/viewer?StudyInstanceUIDs={study.StudyInstanceUID}")
+        assert opened.status_code == 200 and '<div id="root">' in opened.text
+    own = "https://viewer.example.org/viewer?StudyInstanceUIDs={study_uid}"
+    with http_node(node_settings(make_settings, viewer_url=own)) as node:
+        node.ingestor.receive_bytes(part10(study))
+        node.flush()
+        listing = httpx.get(node.url + "/ui/studies")
+        assert f'href="{own.format(study_uid=study.StudyInstanceUID)}"' in listing.text
+    with http_node(node_settings(make_settings)) as node:  # no viewer configured: no dead link
+        node.ingestor.receive_bytes(part10(study))
+        node.flush()
+        listing = httpx.get(node.url + "/ui/studies")
+        assert study.StudyInstanceUID in listing.text and "/viewer?" not in listing.text
 
 
 # -- the overlay check itself ---------------------------------------------------------------------------------------
