@@ -6,7 +6,7 @@ destination that is down fail, the retry buttons re-queue them, and they turn
 delivered once the destination is up. With a token the dashboard asks for it and
 shows no patient data before; the rule tester explains a file's routing; the
 model cards are rendered. Pages are checked at 1280x800 (no horizontal scroll)
-and their screenshots kept under ``$PACS_NODE_ARTIFACTS``.
+and their screenshots kept under ``$TEST_ARTIFACTS_DIR``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ package's prebuilt viewer) is opened on ``/viewer?StudyInstanceUIDs=...``, the S
 loaded from the study browser, and at the image where each segment is largest
 the overlay's colours must lie inside the segment's outline and nowhere else
 (:func:`tests.viewer_support.check_overlay`). Screenshots are kept under
-``$PACS_NODE_ARTIFACTS`` (else a temporary folder).
+``$TEST_ARTIFACTS_DIR`` (else a temporary folder).
 
 The server is the node's own DICOMweb (which also serves OHIF at ``/viewer``) and,
 in a test marked ``slow``, Orthanc's DICOMweb behind a same-origin proxy. For

@@ -145,8 +145,8 @@ def new_page(browser: Any) -> Iterator[Callable[..., Any]]:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where screenshots are kept: ``$PACS_NODE_ARTIFACTS`` or a session temporary folder."""
-    given = os.environ.get("PACS_NODE_ARTIFACTS")
+    """Where screenshots are kept: ``$TEST_ARTIFACTS_DIR`` or a session temporary folder."""
+    given = os.environ.get("TEST_ARTIFACTS_DIR")
     folder = Path(given) if given else tmp_path_factory.mktemp("artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
