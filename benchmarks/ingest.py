@@ -43,7 +43,8 @@ Who receives (each listens on 127.0.0.1 only, on a free port)
       pacs-node does). Both are printed; the floor (``bare_ips``) is the faster.
       A third mode, ``transport``, is ``chunked`` on pacs-node's own transport
       (``pacs_node.dul``: event-driven reactors instead of pynetdicom's 1 ms
-      polling, one ``recv_into`` per PDU). It is not part of the floor: it shows
+      polling, one ``recv_into`` per PDU, and the C-STORE short path that
+      bypasses pynetdicom's DIMSE layer). It is not part of the floor: it shows
       what the node's durability and indexing cost over the transport it runs on
       (``ratio_transport``), where ``ratio`` also credits the transport.
     * ``dcmtk``: ``storescp -od DIR -pdu 131072`` (131072 is dcmtk's largest
@@ -148,8 +149,8 @@ def bare_scp_main(argv: Sequence[str]) -> int:
         return str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
 
     if args.mode == "transport":
-        # pacs-node's event-driven reactors and PDU reader; chunked receive into
-        # $TMPDIR (this AE has no store, so pynetdicom's own temporary files).
+        # pacs-node's transport: event-driven reactors, PDU reader and C-STORE
+        # short path, with its temporary files in $TMPDIR (see below).
         from pacs_node.dul import install
 
         install()
@@ -180,6 +181,14 @@ def bare_scp_main(argv: Sequence[str]) -> int:
         from pynetdicom.transport import ThreadedAssociationServer
 
         from pacs_node.dul import NodeRequestHandler
+
+        # The node's C-STORE short path: temporary files in $TMPDIR, then the same rename.
+        def store(path: Path, assoc: object, sop: str) -> int:
+            os.replace(path, os.path.join(out, f"{sop}.dcm"))
+            return 0x0000
+
+        ae.pacs_node_incoming_dir = os.environ.get("TMPDIR") or tempfile.gettempdir()  # type: ignore[attr-defined]
+        ae.pacs_node_store = store  # type: ignore[attr-defined]
 
         server = ae.make_server(
             ("127.0.0.1", args.port),

@@ -50,6 +50,7 @@ from pacs_node.config import (
     ReturnToSender,
     Settings,
 )
+from pacs_node.dul import install as install_transport
 from pacs_node.errors import ConfigError
 from storage.db import Database
 from storage.filestore import FileStore
@@ -398,6 +399,7 @@ def send_dimse(
         own = _file_transfer_syntax(item.path)
         if own and own not in ts:
             ts.append(own)
+    install_transport()  # among others, a reactor pause that holds between consecutive C-STOREs
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s

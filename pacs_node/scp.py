@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -218,6 +219,7 @@ class StorageSCP:
         install_transport()
         self.ae = self._build_ae()
         self.ae.pacs_node_incoming_dir = str(ingestor.store.incoming_dir)  # type: ignore[attr-defined]
+        self.ae.pacs_node_store = self.store_file  # type: ignore[attr-defined]  # dul.py's C-STORE short path
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -333,8 +335,16 @@ class StorageSCP:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> int:
-        assoc = event.assoc
-        path = event.dataset_path
+        return self.store_file(
+            event.dataset_path, event.assoc, str(getattr(event.request, "AffectedSOPInstanceUID", "?"))
+        )
+
+    def store_file(self, path: Path, assoc: Association, sop_uid: str) -> int:
+        """Hand one received file to the receive path; returns the C-STORE status.
+
+        Called by pynetdicom's C-STORE event and by the transport's short path
+        (:mod:`pacs_node.dul`), so both answer alike.
+        """
         try:
             self.ingestor.receive_file(
                 path,
@@ -346,7 +356,7 @@ class StorageSCP:
             self.refused += 1
             logger.warning(
                 "refused instance %s from %s with status 0x%04X: %s",
-                getattr(event.request, "AffectedSOPInstanceUID", "?"),
+                sop_uid,
                 assoc.requestor.ae_title,
                 exc.status,
                 exc,
@@ -404,6 +414,7 @@ def send_files(
         headers.append((p, str(ds.SOPInstanceUID)))
     if len(pairs) > 128:
         raise ValueError("more than 128 SOP class / transfer syntax pairs; send in smaller groups")
+    install_transport()  # among others, a reactor pause that holds between consecutive C-STOREs
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, ts in pairs:

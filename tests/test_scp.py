@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,21 @@ def _encode(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
+@contextmanager
+def _reactor_paused(assoc: Association) -> Iterator[None]:
+    """Keep the SCU's own reactor from taking the responses to hand-made requests, as its send_*() do.
+
+    A following send_*() must not lose its response to a reactor woken by this set():
+    pacs_node.dul's checkpoint sees to that (pynetdicom's own let it through once).
+    """
+    assoc._reactor_checkpoint.clear()
+    wait_for(lambda: assoc._is_paused, 5, what="the SCU's reactor to pause", interval=0.001)
+    try:
+        yield
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
 def raw_c_store(
     assoc: Association, payload: bytes, *, sop_uid: str = "1.2.3.4", sop_class: str = CTImageStorage
 ) -> int:
@@ -170,13 +186,9 @@ def raw_c_store(
     req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
     req.DataSet = BytesIO(payload)
-    assoc._reactor_checkpoint.clear()
-    try:
-        wait_for(lambda: assoc._is_paused, 5, 0.001, "the association reactor to pause")
+    with _reactor_paused(assoc):
         assoc.dimse.send_msg(req, cx.context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
     assert rsp is not None, "no C-STORE response (DIMSE timeout)"
     return int(rsp.Status)
 
@@ -662,6 +674,165 @@ def test_oversized_pdu_within_an_established_pynetdicom_association(node: Node) 
         if assoc.is_established:
             assoc.abort()
     assert echo("127.0.0.1", node.scp.port, called_ae=AET) == 0
+
+
+# -- the C-STORE short path (pacs_node.dul) ---------------------------------------------------------------------------
+def _pdv(context_id: int, header: int, value: bytes) -> bytes:
+    return struct.pack(">LBB", len(value) + 2, context_id, header) + value
+
+
+def _p_data(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def _store_command(sop_class: str, sop_uid: str, message_id: int) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian, PS3.7 9.3.1.1), a data set to follow."""
+
+    def el(element: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+    def ui(uid: str) -> bytes:
+        raw = uid.encode()
+        return raw + b"\0" * (len(raw) % 2)
+
+    body = (
+        el(0x0002, ui(sop_class))
+        + el(0x0100, struct.pack("<H", 0x0001))
+        + el(0x0110, struct.pack("<H", message_id))
+        + el(0x0700, struct.pack("<H", 0))
+        + el(0x0800, struct.pack("<H", 0x0000))
+        + el(0x1000, ui(sop_uid))
+    )
+    return el(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _response(assoc: Association) -> Any:
+    context_id, msg = assoc.dimse.get_msg(block=True)
+    assert msg is not None, "no C-STORE-RSP within the DIMSE timeout"
+    return msg
+
+
+def _short_path_count(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(
+        int(r.getMessage().split()[0])
+        for r in caplog.records
+        if r.name == "pacs_node.dul" and "received on the short path" in r.getMessage()
+    )
+
+
+def test_the_file_stored_is_the_same_whichever_path_received_it(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """A whole command in one PDV takes the short path; a command split over two PDVs takes pynetdicom's.
+
+    Both answer Success to the message they were sent, and leave the same bytes on disk."""
+    caplog.set_level(logging.DEBUG, logger="pacs_node.dul")
+    ds = _synthetic()[0]
+    data = _encode(ds)
+    cmd = _store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)
+    assoc = _associate(node.scp.port)
+    try:
+        [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
+        sock, cid, half = assoc.dul.socket.socket, cx.context_id, len(data) // 2
+        with _reactor_paused(assoc):
+            # the command and the first fragment in one PDU, the last fragment in the next
+            sock.sendall(
+                _p_data(_pdv(cid, 0x03, cmd), _pdv(cid, 0x00, data[:half])) + _p_data(_pdv(cid, 0x02, data[half:]))
+            )
+            rsp = _response(assoc)
+        assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID) == (0, 7, ds.SOPInstanceUID)
+        assert rsp.AffectedSOPClassUID == CTImageStorage
+        path = node.store.root / _instances(node)[ds.SOPInstanceUID]["path"]
+        short = path.read_bytes()
+        cmd = _store_command(CTImageStorage, ds.SOPInstanceUID, message_id=8)
+        with _reactor_paused(assoc):
+            sock.sendall(_p_data(_pdv(cid, 0x01, cmd[:20]), _pdv(cid, 0x03, cmd[20:])) + _p_data(_pdv(cid, 0x02, data)))
+            rsp = _response(assoc)
+        assert (rsp.Status, rsp.MessageIDBeingRespondedTo) == (0, 8)
+        # and an ordinary C-STORE from pynetdicom's SCU after both
+        assert assoc.send_c_store(_synthetic(seed=5)[0]).Status == 0x0000
+    finally:
+        assoc.release()
+    rows = _instances(node)
+    assert rows[ds.SOPInstanceUID]["receive_count"] == 2 and len(rows) == 2
+    assert path.read_bytes() == short  # pynetdicom's chunked receive wrote the same file
+    assert dcmread(path) == dcmread(BytesIO(short)) and dcmread(path).PixelData == ds.PixelData
+    wait_for(lambda: _short_path_count(caplog) == 2, 5, what="the association's short-path count in the log")
+
+
+@pytest.mark.parametrize("breach", ["a command inside the dataset", "an abort inside the dataset", "a closed socket"])
+def test_a_c_store_broken_off_in_its_dataset_leaves_nothing_behind(node: Node, breach: str) -> None:
+    ds = _synthetic()[0]
+    data = _encode(ds)
+    assoc = _associate(node.scp.port)
+    [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
+    sock, cid = assoc.dul.socket.socket, cx.context_id
+    sock.sendall(_p_data(_pdv(cid, 0x03, _store_command(CTImageStorage, ds.SOPInstanceUID, 3))))
+    sock.sendall(_p_data(_pdv(cid, 0x00, data[:1000])))
+    wait_for(lambda: any(node.store.incoming_dir.iterdir()), 5, what="the dataset's temporary file")
+    if breach == "a command inside the dataset":
+        sock.sendall(_p_data(_pdv(cid, 0x03, _store_command(CTImageStorage, ds.SOPInstanceUID, 4))))
+        wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 5, what="the node to abort the association")
+    elif breach == "an abort inside the dataset":
+        assoc.abort()
+    else:
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    wait_for(lambda: not any(node.store.incoming_dir.iterdir()), 10, what="the temporary file to be removed")
+    if assoc.is_established:
+        assoc.abort()
+    assert _instances(node) == {}
+    # the node keeps serving
+    other = _synthetic(seed=9)[0]
+    assoc = _associate(node.scp.port)
+    try:
+        assert assoc.send_c_store(other).Status == 0x0000
+    finally:
+        assoc.release()
+    assert set(_instances(node)) == {other.SOPInstanceUID}
+
+
+def test_a_temporary_file_that_cannot_be_made_answers_out_of_resources(node: Node) -> None:
+    ds, other = _synthetic(2)
+    node.store.incoming_dir.rmdir()  # as when the store's file system lost it
+    try:
+        assoc = _associate(node.scp.port)
+        try:
+            assert assoc.send_c_store(ds).Status == 0xA700
+            assert assoc.send_c_echo().Status == 0x0000  # the association carries on
+        finally:
+            assoc.release()
+    finally:
+        node.store.incoming_dir.mkdir()
+    assoc = _associate(node.scp.port)
+    try:
+        assert assoc.send_c_store(other).Status == 0x0000
+    finally:
+        assoc.release()
+    assert set(_instances(node)) == {other.SOPInstanceUID}
+
+
+def test_a_store_that_raises_answers_processing_failure_and_keeps_nothing(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the receive path broke")
+
+    ds = _synthetic()[0]
+    monkeypatch.setattr(node.scp.ingestor, "receive_file", broken)
+    assoc = _associate(node.scp.port)
+    try:
+        assert assoc.send_c_store(ds).Status == 0xC211
+    finally:
+        assoc.release()
+    monkeypatch.undo()
+    assert not any(node.store.incoming_dir.iterdir())
+    assert _instances(node) == {}
+    assoc = _associate(node.scp.port)
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert set(_instances(node)) == {ds.SOPInstanceUID}
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
