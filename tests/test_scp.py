@@ -102,6 +102,15 @@ def _associate(port: int, *contexts: tuple[str, str], calling: str = "TESTSCU", 
     return assoc
 
 
+def _store_ok(node: Node, ds: Dataset) -> None:
+    """One C-STORE over a new association, answered Success."""
+    assoc = _associate(node.scp.port)
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
 def _instances(node: Node) -> dict[str, dict[str, Any]]:
     """Every Instance row (after the indexer caught up), keyed by SOP Instance UID."""
     assert node.indexer.flush(30), "indexer did not catch up within 30 s"
@@ -421,11 +430,7 @@ def test_malformed_instance_is_refused_and_the_node_keeps_serving(
 
     # A good instance over a new association is stored.
     good = _synthetic()[0]
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(good).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, good)
     rows = _instances(node)
     assert set(rows) == {good.SOPInstanceUID}
     assert (node.store.root / rows[good.SOPInstanceUID]["path"]).is_file()
@@ -471,11 +476,7 @@ def test_free_space_below_watermark_refuses_with_out_of_resources(
 
     # Space comes back (here: the watermark is lowered): a new association stores again.
     node.store.min_free_bytes = 0
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(first).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, first)
     assert set(_instances(node)) == {first.SOPInstanceUID}
 
 
@@ -487,11 +488,7 @@ def test_resent_instance_replaces_the_stored_one_and_is_counted_once(node: Node)
     v2.PixelData = bytes(reversed(v1.PixelData))
     assert v2.PixelData != v1.PixelData
     for ds in (v1, v2):
-        assoc = _associate(node.scp.port)
-        try:
-            assert assoc.send_c_store(ds).Status == 0x0000
-        finally:
-            assoc.release()
+        _store_ok(node, ds)
         assert node.indexer.flush(30)
     rows = _instances(node)
     assert list(rows) == [v1.SOPInstanceUID]
@@ -657,11 +654,7 @@ def test_pdu_longer_than_negotiated_maximum_aborts_the_association(
     # The node keeps serving.
     assert echo("127.0.0.1", node.scp.port, called_ae=AET) == 0
     ds = _synthetic()[0]
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, ds)
     assert set(_instances(node)) == {ds.SOPInstanceUID}
 
 
@@ -783,11 +776,7 @@ def test_a_c_store_broken_off_in_its_dataset_leaves_nothing_behind(node: Node, b
     assert _instances(node) == {}
     # the node keeps serving
     other = _synthetic(seed=9)[0]
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(other).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, other)
     assert set(_instances(node)) == {other.SOPInstanceUID}
 
 
@@ -803,11 +792,7 @@ def test_a_temporary_file_that_cannot_be_made_answers_out_of_resources(node: Nod
             assoc.release()
     finally:
         node.store.incoming_dir.mkdir()
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(other).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, other)
     assert set(_instances(node)) == {other.SOPInstanceUID}
 
 
@@ -827,11 +812,7 @@ def test_a_store_that_raises_answers_processing_failure_and_keeps_nothing(
     monkeypatch.undo()
     assert not any(node.store.incoming_dir.iterdir())
     assert _instances(node) == {}
-    assoc = _associate(node.scp.port)
-    try:
-        assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        assoc.release()
+    _store_ok(node, ds)
     assert set(_instances(node)) == {ds.SOPInstanceUID}
 
 
