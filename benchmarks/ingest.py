@@ -159,9 +159,12 @@ def bare_scp_main(argv: Sequence[str]) -> int:
         # on the same filesystem as out_dir, so that storing is a rename.
         _config.STORE_RECV_CHUNKED_DATASET = True
 
-        def on_store(event: evt.Event) -> int:
-            os.replace(event.dataset_path, os.path.join(out, f"{_sop(event)}.dcm"))
+        def store(path: Path, assoc: object, sop: str) -> int:
+            os.replace(path, os.path.join(out, f"{sop}.dcm"))
             return 0x0000
+
+        def on_store(event: evt.Event) -> int:
+            return store(event.dataset_path, event.assoc, _sop(event))
 
     else:
 
@@ -183,10 +186,6 @@ def bare_scp_main(argv: Sequence[str]) -> int:
         from pacs_node.dul import NodeRequestHandler
 
         # The node's C-STORE short path: temporary files in $TMPDIR, then the same rename.
-        def store(path: Path, assoc: object, sop: str) -> int:
-            os.replace(path, os.path.join(out, f"{sop}.dcm"))
-            return 0x0000
-
         ae.pacs_node_incoming_dir = os.environ.get("TMPDIR") or tempfile.gettempdir()  # type: ignore[attr-defined]
         ae.pacs_node_store = store  # type: ignore[attr-defined]
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import select
 import socket
 import ssl
@@ -76,6 +75,9 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import RequestHandler
 
+from storage.errors import InvalidUID
+from storage.filestore import validate_uid
+
 logger = logging.getLogger(__name__)
 
 #: PDUs other than P-DATA carry no pixel data; an A-ASSOCIATE-RQ with a few
@@ -86,7 +88,6 @@ MAX_CONTROL_PDU = 1 << 20
 IDLE_TICK_S = 0.01
 
 _PDU_TYPES = frozenset((0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07))
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _DATA_TRANSFER = frozenset(("Sta6", "Sta7"))  # established (Sta7: awaiting A-RELEASE-RP)
 
 # The DUL thread of each association records where its AE wants chunked
@@ -212,11 +213,13 @@ def _store_response(context_id: int, sop_class: bytes, message_id: int, status: 
 class _FastStore:
     """One C-STORE being received on the short path (see the module's docstring)."""
 
-    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str) -> None:
+    def __init__(
+        self, context_id: int, message_id: int, sop_class: str, sop_instance: str, transfer_syntax: str
+    ) -> None:
         self.context_id = context_id
-        self.sop_class = command.get(0x0002, b"")
-        self.sop_instance = command.get(0x1000, b"")
-        self.message_id = _us(command.get(0x0110)) or 0
+        self.message_id = message_id
+        self.sop_class = sop_class
+        self.sop_instance = sop_instance
         self.failure: str | None = None
         self.path: Path | None = None
         self.file: Any = None
@@ -227,7 +230,7 @@ class _FastStore:
             return
         self.path = Path(name)
         self.file = os.fdopen(fd, "wb")
-        self.write(_file_meta(_ui(self.sop_class), _ui(self.sop_instance), transfer_syntax))
+        self.write(_file_meta(sop_class, sop_instance, transfer_syntax))
 
     def write(self, data: bytes | memoryview) -> None:
         if self.failure is not None:
@@ -286,7 +289,7 @@ class NodeDUL(DULServiceProvider):
     _wake_w: socket.socket | None = None
     _store: StoreCallable | None = None
     _fast: _FastStore | None = None
-    fast_stores = 0  # C-STOREs received on the short path (for tests and debugging)
+    fast_stores = 0  # C-STOREs received on the short path (logged when the association ends)
 
     # -- waking the loop ------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -471,14 +474,14 @@ class NodeDUL(DULServiceProvider):
             if header & 0x01 or context_id != fast.context_id:
                 raise _ProtocolError(
                     f"a command or another context's data (context {context_id}) inside the dataset "
-                    f"of the C-STORE of {_ui(fast.sop_instance)}"
+                    f"of the C-STORE of {fast.sop_instance}"
                 )
             fast.write(value)
             if header & 0x02:
                 if i != len(items) - 1:
                     extra = len(items) - 1 - i
                     raise _ProtocolError(
-                        f"{extra} PDV(s) after the last fragment of the C-STORE of {_ui(fast.sop_instance)}"
+                        f"{extra} PDV(s) after the last fragment of the C-STORE of {fast.sop_instance}"
                     )
                 self._finish_store(fast)
         return True
@@ -487,23 +490,26 @@ class NodeDUL(DULServiceProvider):
         command = _command(value)
         if command is None or _us(command.get(0x0100)) != _C_STORE_RQ:
             return False
-        if _us(command.get(0x0800)) in (None, _NO_DATASET) or _us(command.get(0x0110)) is None:
+        message_id = _us(command.get(0x0110))
+        if _us(command.get(0x0800)) in (None, _NO_DATASET) or message_id is None:
             return False  # no data set, or no Message ID: pynetdicom answers or aborts
-        sop_class, sop_instance = _ui(command.get(0x0002)), _ui(command.get(0x1000))
-        if not all(len(uid) <= 64 and _UID.fullmatch(uid) for uid in (sop_class, sop_instance)):
+        try:
+            sop_class = validate_uid(_ui(command.get(0x0002)))
+            sop_instance = validate_uid(_ui(command.get(0x1000)))
+        except InvalidUID:
             return False  # pynetdicom refuses UIDs it cannot use
         context = self.assoc._accepted_cx.get(context_id)
         if context is None or context.abstract_syntax != sop_class or not context.transfer_syntax:
             return False  # pynetdicom refuses it with the right status
         if uid_to_service_class(sop_class) is not StorageServiceClass:
             return False  # a C-STORE on, say, the Verification context is not ours to store
-        self._fast = _FastStore(context_id, command, str(context.transfer_syntax[0]))
+        self._fast = _FastStore(context_id, message_id, sop_class, sop_instance, str(context.transfer_syntax[0]))
         return True
 
     def _finish_store(self, fast: _FastStore) -> None:
         self._fast = None
         fast.close()
-        sop = _ui(fast.sop_instance)
+        sop = fast.sop_instance
         if self.state_machine.current_state not in _DATA_TRANSFER:
             fast.discard()  # aborted meanwhile: nothing is stored or answered
             return
@@ -522,11 +528,10 @@ class NodeDUL(DULServiceProvider):
                 logger.error("the store answered %r for instance %s, not a status; answering 0xC211", status, sop)
                 status = _PROCESSING_FAILURE
         fast.discard()  # the file is still there only when the store refused it
-        self._idle_timer.restart()
         self.fast_stores += 1
         assert self.socket is not None
         self.socket.send(
-            _store_response(fast.context_id, _ui(fast.sop_class).encode(), fast.message_id, status, sop.encode())
+            _store_response(fast.context_id, fast.sop_class.encode(), fast.message_id, status, sop.encode())
         )
 
 
