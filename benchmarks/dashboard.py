@@ -51,12 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 from sqlalchemy import insert
 
+from pacs_node.common.store import open_store
 from pacs_node.config import Settings, settings_from_mapping
-from pacs_node.defaults import embedded_defaults
-from pacs_node.http import HttpServer
-from pacs_node.indexer import Indexer
-from pacs_node.ingest import Ingestor
-from pacs_node.service import open_store
+from pacs_node.config.defaults import embedded_defaults
+from pacs_node.receive.indexer import Indexer
+from pacs_node.receive.ingest import Ingestor
+from pacs_node.web import HttpServer
 from storage.db import Database
 from storage.models import (
     Delivery,

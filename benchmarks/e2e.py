@@ -38,11 +38,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, not benchmarks/, first
 
-from inference.phantoms.brain import save_series
-from inference.tasks import get_task
+from pacs_lab.phantoms.brain import save_series
+from pacs_lab.tasks import get_task
+from pacs_node.app.demo import DEMO_CASES
 from pacs_node.config import settings_from_mapping
-from pacs_node.defaults import embedded_defaults
-from pacs_node.demo import DEMO_CASES
+from pacs_node.config.defaults import embedded_defaults
 
 ORTHANC = "/usr/sbin/Orthanc"
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -113,7 +113,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from pacs_node.service import Node
+    from pacs_node.app.service import Node
 
     tmp = Path(tempfile.mkdtemp(prefix="pacs-node-e2e-"))
     node_port = free_port()

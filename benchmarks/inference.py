@@ -5,13 +5,13 @@ Run from the repository root with the project's virtual environment::
     .venv/bin/python benchmarks/inference.py [--threads 2] [--repeat 1] [--cache benchmarks/out] [--rebuild] [--keep]
 
 This script imports from ``tests/`` (it puts the repository root on ``sys.path``):
-``tests.tiny_nnunet`` builds the model and draws the phantoms, and
-``tests.test_nnunet_dicom.nnunet_package`` wraps the results folder into a
+``pacs_lab.tiny_nnunet`` builds the model and draws the phantoms, and
+``pacs_lab.tiny_nnunet.nnunet_package`` wraps the results folder into a
 pacs-node model package.
 
 The model
     The tiny but real nnU-Net v2 results folder of the tests
-    (:func:`tests.tiny_nnunet.build_tiny_nnunet`, seed 0: planned and
+    (:func:`pacs_lab.tiny_nnunet.build_tiny_nnunet`, seed 0: planned and
     preprocessed by nnU-Net itself, ``3d_fullres``, target spacing 2 x 1 x 1 mm
     z, y, x), built once into ``<cache>/tiny_nnunet`` (about a minute; again
     when it is missing or with ``--rebuild``). ``<cache>`` defaults to
@@ -20,7 +20,7 @@ The model
     mirroring (test-time augmentation) OFF.
 
 The cases
-    Two phantoms of the tests' family (:func:`tests.tiny_nnunet.make_case`: a
+    Two phantoms of the tests' family (:func:`pacs_lab.tiny_nnunet.make_case`: a
     bright sphere = label 1 and a box = label 2 in noise), at a realistic size
     and at spacings that differ from the model's, so that nnU-Net resamples
     the image to 2 x 1 x 1 mm and the prediction back (the script checks with
@@ -325,7 +325,7 @@ def nnunet_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------
 def ensure_model(cache: Path, rebuild: bool) -> Path:
     """The tiny nnU-Net root (``nnUNet_results`` inside), built when missing or asked to."""
-    from tests.tiny_nnunet import DATASET_NAME, TRAINER_FOLDER, build_tiny_nnunet
+    from pacs_lab.tiny_nnunet import DATASET_NAME, TRAINER_FOLDER, build_tiny_nnunet
 
     root = cache / "tiny_nnunet"
     checkpoint = root / "nnUNet_results" / DATASET_NAME / TRAINER_FOLDER / f"fold_{FOLDS[0]}" / CHECKPOINT
@@ -345,7 +345,7 @@ def write_case(image: np.ndarray, spacing_zyx: tuple[float, float, float], folde
     """The phantom as an axial MR DICOM series (increasing z), and its NIfTI made by SimpleITK from the files."""
     import SimpleITK as sitk
 
-    from pacs_node.synthetic import make_series, write_series
+    from pacs_lab.synthetic import make_series, write_series
 
     nz, ny, nx = image.shape
     sz, sy, sx = spacing_zyx
@@ -423,8 +423,7 @@ def main() -> int:
     import SimpleITK as sitk
     import torch
 
-    from tests.test_nnunet_dicom import nnunet_package
-    from tests.tiny_nnunet import DATASET_NAME, TRAINER_FOLDER, make_case, nnunet_env
+    from pacs_lab.tiny_nnunet import DATASET_NAME, TRAINER_FOLDER, make_case, nnunet_env, nnunet_package
 
     cache = args.cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Run from the repository root with the project's virtual environment::
 What is sent
     ``--count`` synthetic CT instances of 512x512 int16 pixels (one series, about
     0.5 MB each: 300 make about 157 MB), made once per run with
-    :func:`pacs_node.synthetic.make_series` and written as Part 10 files to a temp
+    :func:`pacs_lab.synthetic.make_series` and written as Part 10 files to a temp
     dir, plus a separate 10-instance warm-up series. Everything is deleted at the
     end unless ``--keep``.
 
@@ -42,7 +42,7 @@ Who receives (each listens on 127.0.0.1 only, on a free port)
       and renames ``event.dataset_path`` (temp files on the same filesystem, as
       pacs-node does). Both are printed; the floor (``bare_ips``) is the faster.
       A third mode, ``transport``, is ``chunked`` on pacs-node's own transport
-      (``pacs_node.dul``: event-driven reactors instead of pynetdicom's 1 ms
+      (``pacs_node.common.dul``: event-driven reactors instead of pynetdicom's 1 ms
       polling, one ``recv_into`` per PDU, and the C-STORE short path that
       bypasses pynetdicom's DIMSE layer). It is not part of the floor: it shows
       what the node's durability and indexing cost over the transport it runs on
@@ -110,7 +110,7 @@ sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != 
 
 CASES: dict[str, int] = {"1-assoc": 1, "4-assoc": 4}
 BARE_FLOOR_MODES = ("default", "chunked")
-#: ``transport``: the write-only handler on pacs-node's own transport (pacs_node.dul), not part of the floor
+#: ``transport``: the write-only handler on pacs-node's own transport (pacs_node.common.dul), not part of the floor
 BARE_MODES = (*BARE_FLOOR_MODES, "transport")
 DCMTK_MAX_PDU = 131_072  # storescp accepts 4096..131072
 WARMUP_COUNT = 10
@@ -151,7 +151,7 @@ def bare_scp_main(argv: Sequence[str]) -> int:
     if args.mode == "transport":
         # pacs-node's transport: event-driven reactors, PDU reader and C-STORE
         # short path, with its temporary files in $TMPDIR (see below).
-        from pacs_node.dul import install
+        from pacs_node.common.dul import install
 
         install()
     if args.mode in ("chunked", "transport"):
@@ -183,7 +183,7 @@ def bare_scp_main(argv: Sequence[str]) -> int:
     if args.mode == "transport":
         from pynetdicom.transport import ThreadedAssociationServer
 
-        from pacs_node.dul import NodeRequestHandler
+        from pacs_node.common.dul import NodeRequestHandler
 
         # The node's C-STORE short path: temporary files in $TMPDIR, then the same rename.
         ae.pacs_node_incoming_dir = os.environ.get("TMPDIR") or tempfile.gettempdir()  # type: ignore[attr-defined]
@@ -691,8 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import pydicom
     import pynetdicom
 
+    from pacs_lab.synthetic import make_series, write_series
     from pacs_node.config import DicomSettings
-    from pacs_node.synthetic import make_series, write_series
 
     node_pdu = int(DicomSettings.model_fields["max_pdu_size"].default)
     node_procs = {"1-assoc": args.node_processes, "4-assoc": args.node_processes_4 or args.node_processes}
@@ -758,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"  bare : pynetdicom {pynetdicom.__version__} (pydicom {pydicom.__version__}) write-only handler, "
         f"no fsync, max PDU {node_pdu} (= pacs-node's default); floor = faster of default/chunked; "
-        "transport = chunked on pacs-node's own transport (pacs_node.dul), not part of the floor"
+        "transport = chunked on pacs-node's own transport (pacs_node.common.dul), not part of the floor"
     )
     print(f"  dcmtk: storescp {tool_version('storescp')} --inetd per association, no fsync, max PDU {DCMTK_MAX_PDU}")
     header = ["case", "node acked", "node indexed", "bare default", "bare chunked", "bare floor", "bare transport"]

@@ -6,7 +6,7 @@ Run from the repository root with the project's virtual environment::
 
 What is segmented
     ``--slices`` synthetic CT instances of ``--size`` x ``--size`` int16 pixels
-    (one series, made with :func:`pacs_node.synthetic.make_series`, written as
+    (one series, made with :func:`pacs_lab.synthetic.make_series`, written as
     Part 10 files to a temp dir), and a uint8 label volume on their grid with 5
     labels of varied sizes: a large box (liver-sized), a sphere, an ellipsoid, a
     small box and a tiny box (a few slices each for the last ones), as a
@@ -76,7 +76,7 @@ from inference.outputs.keyimage import build_key_image_sc, compose_key_image, pn
 from inference.outputs.seg import build_seg, segment_numbers  # noqa: E402
 from inference.outputs.sr import build_sr  # noqa: E402
 from inference.volume import Volume, volume_from_datasets  # noqa: E402
-from pacs_node.synthetic import make_series, new_uid, write_series  # noqa: E402
+from pacs_lab.synthetic import make_series, new_uid, write_series  # noqa: E402
 
 DCMQI = Path(sys.executable).parent / "itkimage2segimage"
 

@@ -5,13 +5,13 @@
 
 What runs
     The distributed mode as deployed, on this machine: PostgreSQL and RabbitMQ on
-    loopback, ``serve`` (a :class:`pacs_node.service.Node` in this process: enqueuer,
+    loopback, ``serve`` (a :class:`pacs_node.app.service.Node` in this process: enqueuer,
     lease reaper, router, dispatcher) and one, then two, ``pacs-node worker``
     processes (``--concurrency 1 --threads 1``, ``OMP_NUM_THREADS=1``: one CPU
     thread each), consuming the queue of one pipeline group.
 
 The model and the jobs
-    The tests' sphere finder (``tests/model_packages.py``: a small DynUNet, a
+    The tests' sphere finder (``pacs_lab/model_packages.py``: a small DynUNet, a
     native model package, built once into ``benchmarks/out/sphere-package``), on
     synthetic MR series of 32 x 32 x 16 voxels, each in a study of its own; a job
     is the whole worker path: read the series from the store, run the model,
@@ -62,13 +62,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repository (for tests.model_packages), not benchmarks/, first
+sys.path.insert(0, str(ROOT))  # the repository (for pacs_lab.model_packages), not benchmarks/, first
 
 import yaml  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from pacs_node.app.service import Node  # noqa: E402
 from pacs_node.config import Settings, settings_from_mapping  # noqa: E402
-from pacs_node.service import Node  # noqa: E402
 from storage.models import Job, JobState, Output, Series, utcnow  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -80,7 +80,7 @@ class BenchmarkError(RuntimeError):
 
 
 def sphere_package() -> Path:
-    from tests.model_packages import build_sphere_package
+    from pacs_lab.model_packages import build_sphere_package
 
     folder = OUT / "sphere-package"
     if not (folder / "model.yaml").is_file():
@@ -113,8 +113,8 @@ def receive_series(node: Node, count: int) -> list[str]:
     """``count`` series, each in its own study, through the node's receive path; their UIDs."""
     import io
 
-    from pacs_node.synthetic import make_oriented_series
-    from tests.model_packages import two_spheres
+    from pacs_lab.model_packages import two_spheres
+    from pacs_lab.synthetic import make_oriented_series
 
     uids = []
     for i in range(count):
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and database")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    busy = subprocess.run(["pgrep", "-f", "inference.training"], capture_output=True, text=True).stdout.split()
+    busy = subprocess.run(["pgrep", "-f", "pacs_lab.training"], capture_output=True, text=True).stdout.split()
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
     if busy:
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         node.stop()
-        from pacs_node.celery_app import make_celery
+        from pacs_node.process.celery_app import make_celery
 
         app = make_celery(settings)
         with app.connection_for_write() as conn:

@@ -4,7 +4,7 @@ and the disk a study takes (inputs received, results stored).
     .venv/bin/python deploy/sizing.py [--threads 1,2] [--pipelines stroke,dentate,kidney] [--gpu]
 
 Each pipeline is measured in a fresh child process per thread count (so that
-memory figures are its own): the demo case of ``pacs_node.demo.DEMO_CASES`` is
+memory figures are its own): the demo case of ``pacs_node.app.demo.DEMO_CASES`` is
 made, ``ModelRunner`` loads the package (RSS after loading), the case runs
 twice (the second, warm, run is timed; VmHWM after it is the peak), then SEG,
 SR and key image are built and encoded (their sizes are the results' disk).
@@ -49,10 +49,10 @@ def measure(pipeline: str, threads: int, gpu: bool = False) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from inference.pipeline import ModelRunner
-    from inference.tasks import get_task
+    from pacs_lab.tasks import get_task
+    from pacs_node.app.demo import DEMO_CASES
     from pacs_node.config import load_settings
-    from pacs_node.demo import DEMO_CASES
-    from pacs_node.results import build_outputs
+    from pacs_node.process.results import build_outputs
     from storage.models import Job
 
     settings = load_settings(None, environ={})

@@ -55,8 +55,11 @@ def choose_device(allow_gpu: bool = True, prefer: str = "auto") -> torch.device:
     device = torch.device("cuda" if choice == "auto" else choice)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        logger.warning("device %r requested but only %d CUDA device(s) exist; running models on the CPU",
-                       prefer, torch.cuda.device_count())
+        logger.warning(
+            "device %r requested but only %d CUDA device(s) exist; running models on the CPU",
+            prefer,
+            torch.cuda.device_count(),
+        )
         return CPU
     logger.info("running models on %s (%s)", device, torch.cuda.get_device_name(index))
     return device

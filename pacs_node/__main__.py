@@ -1,3 +1,3 @@
-from pacs_node.cli import main
+from pacs_node.app.cli import main
 
 raise SystemExit(main())

@@ -26,7 +26,7 @@ from pacs_node.config import Settings, settings_from_mapping
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-    from pacs_node.results import BuiltOutput
+    from pacs_node.process.results import BuiltOutput
     from storage.db import Database
     from storage.filestore import FileStore
 
@@ -92,7 +92,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def run_node() -> Iterator[Callable[[Settings], Any]]:
     """Start a Node in-process (SCP on a free port); stopped at teardown."""
-    from pacs_node.service import Node
+    from pacs_node.app.service import Node
 
     nodes: list[Node] = []
 
@@ -186,7 +186,7 @@ def require_program(program: str) -> str:
 @pytest.fixture(scope="session")
 def sphere_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A native model package trained in a few seconds to find spheres (left/right labels)."""
-    from tests.model_packages import build_sphere_package
+    from pacs_lab.model_packages import build_sphere_package
 
     return build_sphere_package(tmp_path_factory.mktemp("sphere-package"))
 
@@ -200,7 +200,7 @@ def tiny_nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if os.environ.get("CI"):
             pytest.fail("nnunetv2 is not installed; CI installs it (scripts/install.sh --dev)")
         pytest.skip("nnunetv2 is not installed")
-    from tests.tiny_nnunet import build_tiny_nnunet
+    from pacs_lab.tiny_nnunet import build_tiny_nnunet
 
     root = tmp_path_factory.mktemp("tiny_nnunet")
     build_tiny_nnunet(root, seed=0)
@@ -271,7 +271,8 @@ class RecordingSCP:
     def start(self) -> RecordingSCP:
         from pynetdicom import AE, evt
 
-        from pacs_node.scp import VERIFICATION, storage_sop_classes
+        from pacs_node.common.dicomnet import VERIFICATION
+        from pacs_node.receive.scp import storage_sop_classes
 
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True
@@ -458,11 +459,11 @@ class Made:
 
 @pytest.fixture(scope="session")
 def made(sphere_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Made:
-    from pacs_node.results import build_outputs
-    from pacs_node.synthetic import make_oriented_series
-    from pacs_node.worker import RunnerCache
+    from pacs_lab.model_packages import two_spheres
+    from pacs_lab.synthetic import make_oriented_series
+    from pacs_node.process.results import build_outputs
+    from pacs_node.process.worker import RunnerCache
     from storage.models import Job
-    from tests.model_packages import two_spheres
 
     series = make_oriented_series(two_spheres(), rows=32, cols=32, slices=16, SeriesDescription="spheres")
     settings = settings_from_mapping(
@@ -518,8 +519,8 @@ def ingest(settings: Settings, db: Database, store: FileStore, series: list[Data
     """Receive ``series`` through the real receive path (journal, indexer), from ``calling_ae`` at 127.0.0.1."""
     import io
 
-    from pacs_node.indexer import Indexer
-    from pacs_node.ingest import Ingestor
+    from pacs_node.receive.indexer import Indexer
+    from pacs_node.receive.ingest import Ingestor
 
     indexer = Indexer(db, store, linger_s=0.01)
     ingestor = Ingestor(store, indexer.submit)
@@ -545,8 +546,8 @@ def queued(
     """
     from sqlalchemy import select
 
-    from pacs_node.results import store_outputs
-    from pacs_node.service import open_store
+    from pacs_node.common.store import open_store
+    from pacs_node.process.results import store_outputs
     from storage.db import Database
     from storage.models import Job, JobState, Series
 

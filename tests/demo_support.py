@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_node.demo import DemoResult, run_demo
+from pacs_node.app.demo import DemoResult, run_demo
 
 
 @dataclass

@@ -104,7 +104,7 @@ def drop_queues() -> Iterator[list[Any]]:
 
 def delete_queues(settings: Any) -> None:
     """Remove the test's queues from the broker (best effort)."""
-    from pacs_node.celery_app import is_redis, make_celery
+    from pacs_node.process.celery_app import is_redis, make_celery
 
     app = make_celery(settings)
     try:

@@ -13,11 +13,11 @@ from typing import Any
 
 from pydicom import Dataset
 
+from pacs_node.common.store import open_store
 from pacs_node.config import Settings
-from pacs_node.http import HttpServer
-from pacs_node.indexer import Indexer
-from pacs_node.ingest import Ingestor
-from pacs_node.service import open_store
+from pacs_node.receive.indexer import Indexer
+from pacs_node.receive.ingest import Ingestor
+from pacs_node.web import HttpServer
 from storage.db import Database
 from storage.filestore import FileStore
 from tests.conftest import free_port

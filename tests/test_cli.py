@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pacs_node.synthetic import make_series, new_uid, write_series
+from pacs_lab.synthetic import make_series, new_uid, write_series
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "pacs-node.example.yaml"
 

@@ -27,8 +27,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
-from pacs_node.scp import echo
-from pacs_node.synthetic import make_series
+from pacs_lab.synthetic import make_series
+from pacs_node.deliver.scu import echo
 from storage.db import Database
 from storage.models import Instance, Series
 from tests.conftest import free_port, wait_for

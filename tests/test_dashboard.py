@@ -19,10 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from pacs_node.app.service import Node
 from pacs_node.config import Settings
-from pacs_node.http.auth import SESSION_COOKIE, session_value
-from pacs_node.scp import send_files
-from pacs_node.service import Node
+from pacs_node.deliver.scu import send_files
+from pacs_node.web.auth import SESSION_COOKIE, session_value
 from storage.models import Delivery, DeliveryState, Job, JobState
 from tests.conftest import FAST_DISPATCH, Env, Made, RecordingSCP, dimse, free_port, wait_for
 from tests.http_support import http_node
@@ -287,7 +287,7 @@ def test_rule_tester_and_model_cards(
         card = page.locator("#model-spheres")
         assert "test-spheres 1.0.0" in card.inner_text()
         assert card.locator(".md h1").inner_text() == "test-spheres"
-        assert "Trained by tests/model_packages.py" in card.locator(".md").inner_text()
+        assert "Trained by pacs_lab/model_packages.py" in card.locator(".md").inner_text()
         assert card.locator(".badge.s-demo").is_visible()
         _reads_well(page, artifacts, "models-spheres")
         assert not page.errors, page.errors

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from pydicom import Dataset
 
-from inference.phantoms.abdomen import make_ct_case, make_mr_case
-from inference.phantoms.brain import VENDORS, make_qsm_case, make_stroke_case
+from pacs_lab.phantoms.abdomen import make_ct_case, make_mr_case
+from pacs_lab.phantoms.brain import VENDORS, make_qsm_case, make_stroke_case
+from pacs_node.common.header import header_from_dataset
 from pacs_node.config import load_settings
-from pacs_node.header import header_from_dataset
-from pacs_node.rules import CompiledRules, compile_settings
+from pacs_node.config.rules import CompiledRules, compile_settings
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,25 @@ def _mr(description: str, image_type: list[str], **extra: Any) -> dict[str, Any]
         _mr("SWI_Images", ["DERIVED", "PRIMARY", "SWI"]),
         _mr("QSM_Mag", ["ORIGINAL", "PRIMARY", "M"]),
         _mr("t1_mprage_sag", ["ORIGINAL", "PRIMARY", "M"]),
-        {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "SeriesDescription": "Arterial Phase 1.5",
-         "SliceThickness": 1.5, "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]},
-        {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "SeriesDescription": "Dose Report PV",
-         "ImageType": ["DERIVED", "SECONDARY"]},
-        {"Modality": "SEG", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4", "SeriesDescription": "DWI lesion",
-         "Manufacturer": "pacs-node"},
+        {
+            "Modality": "CT",
+            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+            "SeriesDescription": "Arterial Phase 1.5",
+            "SliceThickness": 1.5,
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        },
+        {
+            "Modality": "CT",
+            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7",
+            "SeriesDescription": "Dose Report PV",
+            "ImageType": ["DERIVED", "SECONDARY"],
+        },
+        {
+            "Modality": "SEG",
+            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4",
+            "SeriesDescription": "DWI lesion",
+            "Manufacturer": "pacs-node",
+        },
     ],
     ids=lambda h: str(h["SeriesDescription"]),
 )

@@ -80,11 +80,21 @@ def test_demo_command_refuses_a_missing_model(tmp_path: Path) -> None:
         "routes:\n  - name: stroke-mr\n    pipeline: stroke\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pacs_node", "--config", str(cfg), "demo", "--out", str(tmp_path / "out"),
-         "--pipelines", "stroke"],
+        [
+            sys.executable,
+            "-m",
+            "pacs_node",
+            "--config",
+            str(cfg),
+            "demo",
+            "--out",
+            str(tmp_path / "out"),
+            "--pipelines",
+            "stroke",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "python -m inference.training stroke" in proc.stderr
+    assert "python -m pacs_lab.training stroke" in proc.stderr

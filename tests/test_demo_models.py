@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from inference.cascade import crop_boxes
-from inference.evaluation import EVAL_SEED, _lesions, dice, evaluate_package, pearson_r
 from inference.manifest import ModelPackage, NativeBackend
 from inference.postprocess import organ_mask, split_left_right
-from inference.training import TRAIN_SEED_BASE
+from pacs_lab.evaluation import EVAL_SEED, _lesions, dice, evaluate_package, pearson_r
+from pacs_lab.training import TRAIN_SEED_BASE
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 #: held-out seeds for CI (training uses 10,000-19,999; the model cards use 900,000 on)
@@ -45,7 +45,7 @@ def test_shipped_model_is_a_labelled_demo_package(name: str, stages: int) -> Non
         assert weights.stat().st_size < 20 * 2**20
     card = pkg.card
     assert card is not None and "DEMO MODEL" in card and "Not for clinical use" in card
-    assert "Held-out evaluation" in card and "python -m inference.training" in card
+    assert "Held-out evaluation" in card and "python -m pacs_lab.training" in card
     assert m.phantom_task is not None
     # the training record states its seeds, which never overlap evaluation seeds
     import json
@@ -163,7 +163,7 @@ def test_training_is_seeded_and_deterministic() -> None:
     """Two runs of a stage with the same seed give the same weights (the recipe's reproducibility)."""
     import torch
 
-    from inference.training import RECIPES, _Sample, train_stage
+    from pacs_lab.training import RECIPES, _Sample, train_stage
 
     stage = dataclasses.replace(RECIPES["dentate"].stages[0], steps=3, patch=(16, 16, 16), batch=1)
     rng = np.random.default_rng(0)

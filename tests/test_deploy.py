@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pacs_node.cli import build_parser
+from pacs_node.app.cli import build_parser
 from pacs_node.config import Settings, load_settings
-from pacs_node.defaults import embedded_defaults
+from pacs_node.config.defaults import embedded_defaults
 from pacs_node.errors import ConfigError
 from tests.conftest import require_program
 

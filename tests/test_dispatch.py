@@ -25,14 +25,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from pacs_node.config import RETURN_TO_SENDER, Settings
-from pacs_node.deliveries import (
-    DeliveryNotFound,
-    DeliveryStateError,
-    cancel_delivery,
-    list_deliveries,
-    retry_delivery,
-)
-from pacs_node.dispatch import (
+from pacs_node.deliver.dispatcher import (
     Dispatcher,
     backoff_delay,
     claim,
@@ -40,8 +33,15 @@ from pacs_node.dispatch import (
     parse_stow_response,
     reap_expired_leases,
 )
+from pacs_node.deliver.ledger import (
+    DeliveryNotFound,
+    DeliveryStateError,
+    cancel_delivery,
+    list_deliveries,
+    retry_delivery,
+)
 from pacs_node.errors import ConfigError
-from pacs_node.results import store_outputs
+from pacs_node.process.results import store_outputs
 from storage.db import Database
 from storage.models import Delivery, DeliveryState, Job, JobState, OutputKind, Series, utcnow
 from tests.conftest import Env, Made, RecordingSCP, dimse, free_port, wait_for
@@ -353,7 +353,7 @@ def test_deliveries_cli(
 ) -> None:
     import yaml
 
-    from pacs_node.cli import main
+    from pacs_node.app.cli import main
 
     scp = recording_scp("PACS", status=0xA900).start()
     env = queued({"pacs": dimse(scp)}, dispatch={"permanent_max_attempts": 1})

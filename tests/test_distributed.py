@@ -19,19 +19,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from pacs_lab.model_packages import two_spheres
+from pacs_lab.synthetic import make_oriented_series, write_series
+from pacs_node.common.store import open_store
 from pacs_node.config import Settings, settings_from_mapping
-from pacs_node.distributed import publish_pending, reap_jobs
+from pacs_node.deliver.scu import send_files
 from pacs_node.errors import ConfigError
-from pacs_node.scp import send_files
-from pacs_node.service import open_store
-from pacs_node.synthetic import make_oriented_series, write_series
-from pacs_node.worker import RunnerCache, claim_job, execute_job
+from pacs_node.process.distributed import publish_pending, reap_jobs
+from pacs_node.process.worker import RunnerCache, claim_job, execute_job
 from storage.db import Database
 from storage.models import Delivery, DeliveryState, Job, JobState, Output, Series, Study, utcnow
 from tests import distributed_support as support
 from tests.conftest import RecordingSCP, dimse, ingest, wait_for
 from tests.distributed_support import Broker, ChildProcess, distributed_config, new_prefix, start_worker, write_config
-from tests.model_packages import two_spheres
 
 # fixtures of tests/distributed_support.py
 amqp, redis_broker, children, drop_queues = support.amqp, support.redis_broker, support.children, support.drop_queues
@@ -92,7 +92,7 @@ def test_same_file_switches_modes_and_the_broker_password_stays_out_of_the_url(t
 
 
 def test_worker_command_refuses_the_embedded_mode_and_unknown_groups(tmp_path: Path) -> None:
-    from pacs_node.celery_app import run_worker
+    from pacs_node.process.celery_app import run_worker
 
     with pytest.raises(ConfigError, match="queue.backend: celery"):
         run_worker(settings_from_mapping({}, environ={}), groups=["default"])
@@ -275,7 +275,7 @@ def test_stat_jobs_keep_their_priority_in_the_broker(
     broker_name: str, request: pytest.FixtureRequest, pg_url: str, tmp_path: Path, drop_queues: list[Any]
 ) -> None:
     """Normal and low jobs are published first, a STAT job last: a worker's next message is the STAT job's."""
-    from pacs_node.celery_app import declared_queues, make_celery, publish
+    from pacs_node.process.celery_app import declared_queues, make_celery, publish
 
     broker: Broker = request.getfixturevalue(broker_name)
     cfg = distributed_config(
@@ -445,8 +445,8 @@ def test_two_workers_run_twenty_jobs_once_and_finish_the_job_of_a_killed_worker(
 def test_a_worker_waits_for_the_schema_and_the_shared_store_then_says_what_is_missing(
     pg_url: str, tmp_path: Path
 ) -> None:
-    from pacs_node.celery_app import check_worker_host
     from pacs_node.errors import PacsNodeError
+    from pacs_node.process.celery_app import check_worker_host
 
     settings = _pg_settings(pg_url, tmp_path)
     with pytest.raises(PacsNodeError, match=r"schema is at nothing, this worker needs \d+: start `pacs-node serve`"):

@@ -14,16 +14,16 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import select
 
+from pacs_lab.synthetic import make_series, new_uid
+from pacs_node.common.store import open_store
 from pacs_node.config import Settings
-from pacs_node.conformance import conformance_statement
 from pacs_node.errors import ConfigError
-from pacs_node.http import HttpServer
-from pacs_node.http.auth import is_loopback_host, load_token
-from pacs_node.indexer import Indexer
-from pacs_node.ingest import Ingestor
-from pacs_node.scp import TRANSFER_SYNTAXES
-from pacs_node.service import open_store
-from pacs_node.synthetic import make_series, new_uid
+from pacs_node.receive.indexer import Indexer
+from pacs_node.receive.ingest import Ingestor
+from pacs_node.receive.scp import TRANSFER_SYNTAXES
+from pacs_node.web import HttpServer
+from pacs_node.web.auth import is_loopback_host, load_token
+from pacs_node.web.conformance import conformance_statement
 from storage.db import Database
 from storage.models import (
     Delivery,
@@ -431,7 +431,7 @@ def test_api_jobs_cancel_and_rerun(node: HttpNode) -> None:
     with node.db.session() as session:
         assert session.get(Job, ids["running"]).state is JobState.RUNNING
 
-    # Re-run through pacs_node.jobs: the DONE job is queued again.
+    # Re-run through pacs_node.process.jobs: the DONE job is queued again.
     r = _api(node, "POST", f"/studies/{study}/rerun")
     assert r.status_code == 200
     [line] = [a for a in r.json()["actions"] if "re-run of job" in a]
@@ -483,8 +483,9 @@ def test_api_deliveries_retry_and_cancel(node: HttpNode) -> None:
 
 def test_indexer_and_server_share_one_receive_path(make_settings: Callable[..., Settings]) -> None:
     """STOW-RS and C-STORE end in the same journal and index: an instance sent both ways is one row."""
-    from pacs_node.scp import StorageSCP, send_files
-    from pacs_node.synthetic import write_series
+    from pacs_lab.synthetic import write_series
+    from pacs_node.deliver.scu import send_files
+    from pacs_node.receive.scp import StorageSCP
 
     settings = node_settings(make_settings)
     db = Database(settings.db_url)

@@ -22,10 +22,10 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from sqlalchemy import select, update
 
+from pacs_lab.synthetic import make_series, new_uid
 from pacs_node.config import Settings
-from pacs_node.http.multipart import MultipartError, MultipartParser, PartEnd, PartStart
-from pacs_node.results import BuiltOutput, store_outputs
-from pacs_node.synthetic import make_series, new_uid
+from pacs_node.process.results import BuiltOutput, store_outputs
+from pacs_node.web.multipart import MultipartError, MultipartParser, PartEnd, PartStart
 from storage.models import Instance, Job, JobState, Output, OutputKind, Series, Study
 from tests.http_support import HttpNode, http_node, multipart_body, node_settings, part10, split_multipart
 

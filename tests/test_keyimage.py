@@ -26,7 +26,7 @@ from inference.outputs.keyimage import (
     render_key_image,
 )
 from inference.volume import Volume, volume_from_datasets
-from pacs_node.synthetic import make_oriented_series
+from pacs_lab.synthetic import make_oriented_series
 from tests.conftest import dciodvfy
 
 RED = (255, 0, 0)

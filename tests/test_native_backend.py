@@ -23,7 +23,7 @@ from inference.backends.native import (
 )
 from inference.errors import ModelPackageError, PredictionError
 from inference.manifest import NativeBackend, Normalization, sha256_file
-from tests.model_packages import DYN_ARGS
+from pacs_lab.model_packages import DYN_ARGS
 
 PLAIN_ARGS: dict[str, Any] = {
     "input_channels": 2,

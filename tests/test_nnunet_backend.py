@@ -1,7 +1,7 @@
 """The nnU-Net v2 backend against nnU-Net itself, and the device helpers.
 
 A tiny nnU-Net results folder is built and trained once for the module
-(``tests/tiny_nnunet.py``, about a minute on two cores). The nnU-Net tests are
+(``pacs_lab/tiny_nnunet.py``, about a minute on two cores). The nnU-Net tests are
 skipped when nnunetv2 is not installed, except under CI, where they run (and
 fail) because CI installs it.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from inference.device import autocast_context, choose_device, run_with_oom_fallback
-from tests.tiny_nnunet import (
+from pacs_lab.tiny_nnunet import (
     DATASET_NAME,
     SPACING_ZYX,
     TRAINER_FOLDER,
@@ -81,8 +81,9 @@ def case() -> tuple[np.ndarray, np.ndarray]:
 
 
 @needs_nnunet
-def test_agrees_with_nnunet_cli(tiny_root: Path, package: Path, case: tuple[np.ndarray, np.ndarray],
-                                tmp_path: Path) -> None:
+def test_agrees_with_nnunet_cli(
+    tiny_root: Path, package: Path, case: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     from inference.backends.nnunet import NnUNetStage
 
     image, truth = case
@@ -96,10 +97,28 @@ def test_agrees_with_nnunet_cli(tiny_root: Path, package: Path, case: tuple[np.n
     env = nnunet_env(tiny_root)
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run(
-        [nnunet_command("nnUNetv2_predict_from_modelfolder"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
-         "-m", str(package / TRAINER_FOLDER), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--disable_progress_bar"],
-        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            nnunet_command("nnUNetv2_predict_from_modelfolder"),
+            "-i",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(package / TRAINER_FOLDER),
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+            "--disable_progress_bar",
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     import SimpleITK as sitk
 
@@ -130,14 +149,17 @@ def test_ensemble_of_one_folder_twice_equals_one(stage, package: Path, case: tup
     from inference.backends.nnunet import NnUNetStage
 
     image, _ = case
-    twice = NnUNetStage(spec(folders=[TRAINER_FOLDER, TRAINER_FOLDER]), package, device=torch.device("cpu"),
-                        num_threads=1)
+    twice = NnUNetStage(
+        spec(folders=[TRAINER_FOLDER, TRAINER_FOLDER]), package, device=torch.device("cpu"), num_threads=1
+    )
     np.testing.assert_allclose(
-        twice.predict_proba(image[None], SPACING_ZYX, EYE), stage.predict_proba(image[None], SPACING_ZYX, EYE),
+        twice.predict_proba(image[None], SPACING_ZYX, EYE),
+        stage.predict_proba(image[None], SPACING_ZYX, EYE),
         atol=1e-5,
     )
-    np.testing.assert_array_equal(twice.predict(image[None], SPACING_ZYX, EYE),
-                                  stage.predict(image[None], SPACING_ZYX, EYE))
+    np.testing.assert_array_equal(
+        twice.predict(image[None], SPACING_ZYX, EYE), stage.predict(image[None], SPACING_ZYX, EYE)
+    )
 
 
 @needs_nnunet

@@ -5,7 +5,6 @@ NIfTI by SimpleITK (an independent DICOM reader)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,41 +15,15 @@ import yaml
 from pydicom import Dataset
 
 from inference.pipeline import ModelRunner
-from pacs_node.synthetic import make_series, write_series
-from tests.tiny_nnunet import DATASET_NAME, SPACING_ZYX, TRAINER_FOLDER, make_case, nnunet_command, nnunet_env
-
-
-def nnunet_package(tiny_root: Path, dest: Path, *, mirroring: bool = False) -> Path:
-    """A model package whose only stage is the tiny nnU-Net folder, copied in as is."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(tiny_root / "nnUNet_results" / DATASET_NAME / TRAINER_FOLDER, dest / TRAINER_FOLDER)
-    manifest = {
-        "name": "tiny-nnunet",
-        "version": "0.0.1",
-        "intended_use": "tests only",
-        "demo": True,
-        "inputs": [{"role": "image"}],
-        "reference": "image",
-        "labels": {
-            1: {"name": "Sphere", "type": {"value": "27925004", "meaning": "Nodule"}},
-            2: {"name": "Box", "type": {"value": "27925004", "meaning": "Nodule"}, "color": [0, 255, 0]},
-        },
-        "stages": [
-            {
-                "name": "segment",
-                "label_map": {1: 1, 2: 2},
-                "model": {
-                    "backend": "nnunet",
-                    "folders": [TRAINER_FOLDER],
-                    "folds": [0],
-                    "use_mirroring": mirroring,
-                },
-            }
-        ],
-        "gpu": False,
-    }
-    (dest / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return dest
+from pacs_lab.synthetic import make_series, write_series
+from pacs_lab.tiny_nnunet import (
+    SPACING_ZYX,
+    TRAINER_FOLDER,
+    make_case,
+    nnunet_command,
+    nnunet_env,
+    nnunet_package,
+)
 
 
 def phantom_series(image: np.ndarray, *, reverse: bool = False) -> list[Dataset]:

@@ -27,10 +27,10 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
+from pacs_lab.synthetic import make_series
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigError
-from pacs_node.http import HttpServer
-from pacs_node.synthetic import make_series
+from pacs_node.web import HttpServer
 from storage.models import Study
 from tests.conftest import dimse
 from tests.http_support import http_node, node_settings, part10
@@ -121,7 +121,7 @@ def test_viewer_links_without_a_viewer_folder(make_settings: Callable[..., Setti
     empty = tmp_path / "empty"
     empty.mkdir()
     settings = node_settings(make_settings, viewer_dir=str(empty))
-    from pacs_node.service import open_store
+    from pacs_node.common.store import open_store
     from storage.db import Database
 
     with pytest.raises(ConfigError, match="holds no index.html"):

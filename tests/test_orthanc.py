@@ -30,9 +30,9 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from pacs_node.app.service import Node
 from pacs_node.config import Settings
-from pacs_node.dispatch import Dispatcher
-from pacs_node.service import Node
+from pacs_node.deliver.dispatcher import Dispatcher
 from storage.models import Delivery, DeliveryState, Job, JobState
 from tests.conftest import FAST_DISPATCH, Env, Made, free_port, wait_for
 
@@ -218,7 +218,7 @@ def test_orthanc_sends_a_study_and_gets_seg_sr_and_key_image_back(
     assert {t["StudyInstanceUID"] for t in first.values()} == {study_uid}
 
     # A re-run makes the same UIDs; Orthanc overwrites them: the study does not grow.
-    from pacs_node.jobs import rerun
+    from pacs_node.process.jobs import rerun
 
     before = {uid: t.get("InstanceCreationTime") for uid, t in first.items()}
     assert rerun(node.db, study_uid=study_uid)

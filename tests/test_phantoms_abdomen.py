@@ -10,7 +10,8 @@ import pytest
 from pydicom import dcmread
 from scipy import ndimage
 
-from inference.phantoms.abdomen import (
+from inference.volume import Volume, volume_from_datasets
+from pacs_lab.phantoms.abdomen import (
     CT_HU,
     LEFT_KIDNEY,
     RIGHT_KIDNEY,
@@ -19,7 +20,6 @@ from inference.phantoms.abdomen import (
     make_ct_case,
     make_mr_case,
 )
-from inference.volume import Volume, volume_from_datasets
 
 _CODE = {name: value for value, name in TISSUES.items()}
 

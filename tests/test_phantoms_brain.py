@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
-from inference.phantoms import brain
-from inference.phantoms.brain import (
+from inference.volume import Volume, b_value, select_b_value, volume_from_datasets
+from pacs_lab.phantoms import brain
+from pacs_lab.phantoms.brain import (
     QsmCase,
     StrokeCase,
     Tissue,
@@ -18,7 +19,6 @@ from inference.phantoms.brain import (
     make_stroke_case,
     stroke_lesion_volumes,
 )
-from inference.volume import Volume, b_value, select_b_value, volume_from_datasets
 
 STROKE_SEEDS = {"siemens": 1, "ge": 2, "philips": 6}  # seeds whose lesions total > 10 mL
 

@@ -15,8 +15,8 @@ from pydicom.uid import RLELossless
 from inference.errors import InferenceError, MissingSlicesError, ModelPackageError
 from inference.pipeline import ModelRunner
 from inference.volume import volume_from_datasets
-from pacs_node.synthetic import make_oriented_series
-from tests.model_packages import two_spheres
+from pacs_lab.model_packages import two_spheres
+from pacs_lab.synthetic import make_oriented_series
 
 LEFT_ML = 4 / 3 * np.pi * 7.0**3 / 1000
 RIGHT_ML = 4 / 3 * np.pi * 5.0**3 / 1000

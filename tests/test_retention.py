@@ -8,11 +8,11 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
+from pacs_lab.synthetic import make_series, new_uid
 from pacs_node.config import Settings
-from pacs_node.dispatch import Dispatcher
-from pacs_node.results import store_outputs
-from pacs_node.retention import Retention
-from pacs_node.synthetic import make_series, new_uid
+from pacs_node.deliver.dispatcher import Dispatcher
+from pacs_node.process.results import store_outputs
+from pacs_node.retain.retention import Retention
 from storage.models import Instance, Job, JobState, Series, utcnow
 from tests.conftest import Env, Made, RecordingSCP, dimse
 from tests.test_router import PIPELINES, ROUTES, Harness

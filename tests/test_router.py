@@ -13,13 +13,13 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy import select
 
+from pacs_lab.synthetic import make_series, new_uid, write_series
+from pacs_node.common.store import open_store
 from pacs_node.config import Settings
-from pacs_node.indexer import Indexer
-from pacs_node.ingest import Ingestor
-from pacs_node.router import Router
-from pacs_node.scp import send_files
-from pacs_node.service import open_store
-from pacs_node.synthetic import make_series, new_uid, write_series
+from pacs_node.deliver.scu import send_files
+from pacs_node.receive.indexer import Indexer
+from pacs_node.receive.ingest import Ingestor
+from pacs_node.route.router import Router
 from storage.db import Database
 from storage.models import Job, JobState, Series, SeriesState, utcnow
 from tests.conftest import wait_for

@@ -1,4 +1,4 @@
-"""Tests of the routing rule engine (pacs_node.rules) and header summaries (pacs_node.header)."""
+"""Tests of the routing rule engine (pacs_node.config.rules) and header summaries (pacs_node.common.header)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pacs_node.common.header import HeaderError, NotDicomError, header_from_dataset, header_from_file
 from pacs_node.config import Settings, settings_from_mapping
-from pacs_node.errors import ConfigError, RuleError
-from pacs_node.header import HeaderError, NotDicomError, header_from_dataset, header_from_file
-from pacs_node.rules import (
+from pacs_node.config.rules import (
     NODE_MANUFACTURER,
     CompiledRules,
     compile_matcher,
     compile_settings,
     is_localizer_name,
     loop_guard,
-    rules_report,
 )
+from pacs_node.errors import ConfigError, RuleError
+from pacs_node.route.tester import rules_report
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"

@@ -45,10 +45,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import select
 
+from pacs_lab.synthetic import make_series, write_series
+from pacs_node.app.service import Node
+from pacs_node.common.dicomnet import VERIFICATION
 from pacs_node.config import Settings
-from pacs_node.scp import VERIFICATION, echo, send_files
-from pacs_node.service import Node
-from pacs_node.synthetic import make_series, write_series
+from pacs_node.deliver.scu import echo, send_files
 from storage.models import Instance, Series
 from tests.conftest import require_program, wait_for
 
@@ -135,9 +136,9 @@ def _series(node: Node, series_uid: str) -> tuple[int, int]:
 
 
 def _logged(caplog: pytest.LogCaptureFixture, *words: str) -> bool:
-    """A warning or worse from pacs_node.scp containing every one of ``words``."""
+    """A warning or worse from pacs_node.receive.scp containing every one of ``words``."""
     return any(
-        r.name in ("pacs_node.scp", "pacs_node.dul")
+        r.name in ("pacs_node.receive.scp", "pacs_node.common.dul")
         and r.levelno >= logging.WARNING
         and all(w in r.getMessage() for w in words)
         for r in caplog.records
@@ -166,7 +167,7 @@ def _reactor_paused(assoc: Association) -> Iterator[None]:
     """Keep the SCU's own reactor from taking the responses to hand-made requests, as its send_*() do.
 
     A following send_*() must not lose its response to a reactor woken by this set():
-    pacs_node.dul's checkpoint sees to that (pynetdicom's own let it through once).
+    pacs_node.common.dul's checkpoint sees to that (pynetdicom's own let it through once).
     """
     assoc._reactor_checkpoint.clear()
     wait_for(lambda: assoc._is_paused, 5, what="the SCU's reactor to pause", interval=0.001)
@@ -314,7 +315,7 @@ def _reject_reason(assoc: Association) -> tuple[int, int, int]:
 def test_calling_ae_not_allowed_is_rejected_and_logged(
     make_settings: Callable[..., Settings], run_node: Callable[[Settings], Node], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pacs_node.scp")
+    caplog.set_level(logging.INFO, logger="pacs_node.receive.scp")
     node = run_node(make_settings(dicom={"allowed_calling_aes": ["GOODAE"]}))
     port = node.scp.port
 
@@ -344,7 +345,7 @@ def test_calling_ae_not_allowed_is_rejected_and_logged(
 def test_address_outside_allowed_hosts_gets_no_association_and_is_logged(
     make_settings: Callable[..., Settings], run_node: Callable[[Settings], Node], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pacs_node.scp")
+    caplog.set_level(logging.INFO, logger="pacs_node.receive.scp")
     node = run_node(make_settings(dicom={"allowed_hosts": ["10.0.0.0/8"]}))
     assoc = _try_associate(node.scp.port, "GOODAE")
     assert not assoc.is_established
@@ -400,7 +401,7 @@ MALFORMED: dict[str, tuple[Callable[[], bytes], int | None]] = {
 def test_malformed_instance_is_refused_and_the_node_keeps_serving(
     case: str, node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pacs_node.scp")
+    caplog.set_level(logging.WARNING, logger="pacs_node.receive.scp")
     make_payload, expected = MALFORMED[case]
     absolute = Path("/tmp/x")  # where "series UID absolute path" would lead
     existed = absolute.exists()
@@ -460,7 +461,7 @@ def test_path_characters_in_the_command_uid_write_nothing_outside_the_store(node
 def test_free_space_below_watermark_refuses_with_out_of_resources(
     make_settings: Callable[..., Settings], run_node: Callable[[Settings], Node], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pacs_node.scp")
+    caplog.set_level(logging.WARNING, logger="pacs_node.receive.scp")
     node = run_node(make_settings(storage={"min_free_mb": 10_000_000}))
     first, second = _synthetic(2)
     assoc = _associate(node.scp.port)
@@ -625,7 +626,7 @@ def raw_socket() -> Iterator[Callable[[int], socket.socket]]:
 def test_pdu_longer_than_negotiated_maximum_aborts_the_association(
     node: Node, raw_socket: Callable[[int], socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pacs_node.dul")
+    caplog.set_level(logging.WARNING, logger="pacs_node.common.dul")
     sock = raw_socket(node.scp.port)
     sock.sendall(associate_rq_pdu(AET, "RAWSCU"))
     head = _recv_exact(sock, 6)
@@ -669,7 +670,7 @@ def test_oversized_pdu_within_an_established_pynetdicom_association(node: Node) 
     assert echo("127.0.0.1", node.scp.port, called_ae=AET) == 0
 
 
-# -- the C-STORE short path (pacs_node.dul) ---------------------------------------------------------------------------
+# -- the C-STORE short path (pacs_node.common.dul) -----------------------------------------------------------------
 def _pdv(context_id: int, header: int, value: bytes) -> bytes:
     return struct.pack(">LBB", len(value) + 2, context_id, header) + value
 
@@ -710,7 +711,7 @@ def _short_path_count(caplog: pytest.LogCaptureFixture) -> int:
     return sum(
         int(r.getMessage().split()[0])
         for r in caplog.records
-        if r.name == "pacs_node.dul" and "received on the short path" in r.getMessage()
+        if r.name == "pacs_node.common.dul" and "received on the short path" in r.getMessage()
     )
 
 
@@ -718,7 +719,7 @@ def test_the_file_stored_is_the_same_whichever_path_received_it(node: Node, capl
     """A whole command in one PDV takes the short path; a command split over two PDVs takes pynetdicom's.
 
     Both answer Success to the message they were sent, and leave the same bytes on disk."""
-    caplog.set_level(logging.DEBUG, logger="pacs_node.dul")
+    caplog.set_level(logging.DEBUG, logger="pacs_node.common.dul")
     ds = _synthetic()[0]
     data = _encode(ds)
     cmd = _store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)

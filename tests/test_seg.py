@@ -25,7 +25,7 @@ from inference.manifest import Manifest
 from inference.outputs.common import DEMO_WARNING, MANUFACTURER, ResultIdentity
 from inference.outputs.seg import SegBuildError, SegmentationType, build_seg, segment_numbers
 from inference.volume import FrameSelection, Volume, volume_from_datasets
-from pacs_node.synthetic import make_oriented_series, new_uid
+from pacs_lab.synthetic import make_oriented_series, new_uid
 from tests.conftest import dciodvfy
 from tests.test_volume import make_enhanced
 

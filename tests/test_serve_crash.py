@@ -18,10 +18,10 @@ from pydicom import Dataset
 from pynetdicom import AE
 from sqlalchemy import select
 
+from pacs_node.common.store import open_store
 from pacs_node.config import settings_from_mapping
-from pacs_node.results import store_outputs
-from pacs_node.scp import echo
-from pacs_node.service import open_store
+from pacs_node.deliver.scu import echo
+from pacs_node.process.results import store_outputs
 from storage.db import Database
 from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Series, Study
 from tests import distributed_support as support

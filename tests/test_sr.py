@@ -28,7 +28,7 @@ from inference.outputs.seg import segment_numbers
 from inference.outputs.sr import ReportError, build_sr, volumes_from_sr
 from inference.pipeline import ModelRunner
 from inference.volume import Volume, volume_from_datasets
-from pacs_node.synthetic import make_series
+from pacs_lab.synthetic import make_series
 from tests.conftest import dciodvfy
 
 PIPELINE = "dentate"

@@ -14,9 +14,9 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import inspect, select, text
 
-from pacs_node.indexer import Indexer
-from pacs_node.ingest import Ingestor
-from pacs_node.synthetic import make_series, new_uid
+from pacs_lab.synthetic import make_series, new_uid
+from pacs_node.receive.indexer import Indexer
+from pacs_node.receive.ingest import Ingestor
 from storage.db import Database
 from storage.errors import InvalidUID, StorageError, StorageFull
 from storage.filestore import FileStore, validate_uid

@@ -17,12 +17,12 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
+from pacs_lab.synthetic import make_series, write_series
+from pacs_node.app.service import Node
+from pacs_node.common.dicomnet import client_ssl_context, server_ssl_context
 from pacs_node.config import Settings
-from pacs_node.dispatch import Dispatcher
+from pacs_node.deliver.dispatcher import Dispatcher
 from pacs_node.errors import ConfigError
-from pacs_node.scp import client_ssl_context, server_ssl_context
-from pacs_node.service import Node
-from pacs_node.synthetic import make_series, write_series
 from storage.models import DeliveryState, Instance
 from tests.conftest import Certs, Env, RecordingSCP, dimse, free_port, require_program, wait_for
 
@@ -70,7 +70,7 @@ def test_storescu_over_tls_with_a_trusted_client_certificate_is_stored(
     tls_node: Node, certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     files = write_series(tmp_path / "in", make_series(3, rows=16, cols=16))
-    caplog.set_level(logging.INFO, logger="pacs_node.scp")
+    caplog.set_level(logging.INFO, logger="pacs_node.receive.scp")
     proc = _storescu(
         tls_node.scp.port, files, "+tls", str(certs.client_key), str(certs.client_cert), "+cf", str(certs.ca)
     )

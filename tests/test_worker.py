@@ -16,14 +16,14 @@ import numpy as np
 import SimpleITK as sitk
 from sqlalchemy import select
 
+from pacs_lab.model_packages import two_spheres
+from pacs_lab.synthetic import make_oriented_series, write_series
 from pacs_node.config import Settings
-from pacs_node.scp import send_files
-from pacs_node.synthetic import make_oriented_series, write_series
-from pacs_node.worker import claim_next
+from pacs_node.deliver.scu import send_files
+from pacs_node.process.worker import claim_next
 from storage.db import Database
 from storage.models import Job, JobState, Study
 from tests.conftest import wait_for
-from tests.model_packages import two_spheres
 
 
 def _config(package: Path, **pipeline: Any) -> dict[str, Any]:

@@ -170,7 +170,7 @@ class ViewerProxy:
         from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
 
-        from pacs_node.http.viewer import ISOLATION_HEADERS, ViewerFiles
+        from pacs_node.web.viewer import ISOLATION_HEADERS, ViewerFiles
 
         files = ViewerFiles(dist)
         client = httpx.Client(base_url=upstream.rstrip("/"), timeout=60)

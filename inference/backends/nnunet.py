@@ -178,8 +178,9 @@ def _load_postprocessing(path: Path) -> tuple[list[Callable[..., np.ndarray]], l
     return list(loaded[0]), [dict(k) for k in loaded[1]]
 
 
-def _resample_probabilities(config: Any, logits: torch.Tensor, shape: list[int], current_spacing: list[float],
-                            new_spacing: list[float]) -> torch.Tensor:
+def _resample_probabilities(
+    config: Any, logits: torch.Tensor, shape: list[int], current_spacing: list[float], new_spacing: list[float]
+) -> torch.Tensor:
     """The plans' ``resampling_fn_probabilities`` applied to float32 logits (c, z, y, x), in torch where it is
     nnU-Net's default: ``resample_data_or_seg_to_shape`` with ``order=1`` (linear; along an anisotropic axis
     resampled separately, ``order_z`` 0 = nearest or 1 = linear), as nnU-Net's ``resample_torch_fornnunet``."""
@@ -188,13 +189,24 @@ def _resample_probabilities(config: Any, logits: torch.Tensor, shape: list[int],
 
     name = config.configuration.get("resampling_fn_probabilities")
     kwargs = dict(config.configuration.get("resampling_fn_probabilities_kwargs") or {})
-    if name == "resample_data_or_seg_to_shape" and not kwargs.get("is_seg", False) \
-            and kwargs.get("order", 3) == 1 and kwargs.get("order_z", 0) in (0, 1):
+    if (
+        name == "resample_data_or_seg_to_shape"
+        and not kwargs.get("is_seg", False)
+        and kwargs.get("order", 3) == 1
+        and kwargs.get("order_z", 0) in (0, 1)
+    ):
         return resample_torch_fornnunet(
-            logits, shape, current_spacing, new_spacing, is_seg=False, num_threads=torch.get_num_threads(),
-            device=torch.device("cpu"), force_separate_z=kwargs.get("force_separate_z", False),
+            logits,
+            shape,
+            current_spacing,
+            new_spacing,
+            is_seg=False,
+            num_threads=torch.get_num_threads(),
+            device=torch.device("cpu"),
+            force_separate_z=kwargs.get("force_separate_z", False),
             separate_z_anisotropy_threshold=kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
-            mode="linear", aniso_axis_mode="nearest-exact" if kwargs.get("order_z", 0) == 0 else "linear",
+            mode="linear",
+            aniso_axis_mode="nearest-exact" if kwargs.get("order_z", 0) == 0 else "linear",
         )
     out = config.resampling_fn_probabilities(logits, shape, current_spacing, new_spacing)
     if isinstance(out, torch.Tensor):
@@ -277,9 +289,11 @@ class NnUNetStage(StagePredictor):
                     f"{predictor.configuration_manager.previous_stage_name} prediction); use a "
                     "3d_fullres or 3d_lowres folder, or a two-stage manifest"
                 )
-            n_in = int(determine_num_input_channels(
-                predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
-            ))
+            n_in = int(
+                determine_num_input_channels(
+                    predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+                )
+            )
             member_labels = [int(v) for v in label_manager.all_labels]
             if labels is None:
                 labels, channels = member_labels, n_in
@@ -298,8 +312,13 @@ class NnUNetStage(StagePredictor):
         self._postprocessing = self._find_postprocessing(self.folders[0])
         logger.info(
             "loaded nnU-Net stage %s (folds %s, %s) on %s: %d classes, %d input channel(s)%s",
-            ", ".join(spec.folders), list(spec.folds), spec.checkpoint, self.device, self.num_classes,
-            self.num_input_channels, ", with postprocessing" if self._postprocessing else "",
+            ", ".join(spec.folders),
+            list(spec.folds),
+            spec.checkpoint,
+            self.device,
+            self.num_classes,
+            self.num_input_channels,
+            ", with postprocessing" if self._postprocessing else "",
         )
 
     # -- loading -------------------------------------------------------------------------------
@@ -367,15 +386,19 @@ class NnUNetStage(StagePredictor):
             if path.is_file():
                 pp = _load_postprocessing(path)
                 self.checksums[self._key(path)] = sha256_file(path)
-                logger.info("nnU-Net postprocessing from %s: %s", path,
-                            [f"{getattr(f, '__name__', f)}({k})" for f, k in zip(*pp, strict=True)])
+                logger.info(
+                    "nnU-Net postprocessing from %s: %s",
+                    path,
+                    [f"{getattr(f, '__name__', f)}({k})" for f, k in zip(*pp, strict=True)],
+                )
                 return pp
         return None
 
     # -- prediction ----------------------------------------------------------------------------
 
-    def _validate(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
-                  ) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    def _validate(
+        self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+    ) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
         image = np.asarray(image)
         if image.ndim != 4:
             raise PredictionError(f"image: expected (channels, z, y, x), got an array of shape {image.shape}")
@@ -424,8 +447,9 @@ class NnUNetStage(StagePredictor):
             total /= len(self._predictors)
         return total
 
-    def _member_proba(self, predictor: Any, image: np.ndarray, spacing_zyx: tuple[float, float, float],
-                      device: torch.device) -> np.ndarray:
+    def _member_proba(
+        self, predictor: Any, image: np.ndarray, spacing_zyx: tuple[float, float, float], device: torch.device
+    ) -> np.ndarray:
         """One results folder's probabilities (num_classes, z, y, x), float32, on the input grid.
 
         The steps of nnU-Net's ``predict_single_npy_array``: nnU-Net's own preprocessing (crop to
@@ -452,8 +476,12 @@ class NnUNetStage(StagePredictor):
             finally:
                 predictor.device, predictor.perform_everything_on_device = saved
         del data
-        logger.debug("nnU-Net member: preprocessing %.2f s, network %.2f s, on a grid of %s",
-                     t_pre - t0, time.perf_counter() - t_pre, tuple(logits.shape[1:]))
+        logger.debug(
+            "nnU-Net member: preprocessing %.2f s, network %.2f s, on a grid of %s",
+            t_pre - t0,
+            time.perf_counter() - t_pre,
+            tuple(logits.shape[1:]),
+        )
         owned = [logits]  # _export takes it over, so that it is freed as soon as it is resampled
         del logits
         return self._export(predictor, owned, props)
@@ -479,7 +507,8 @@ class NnUNetStage(StagePredictor):
         slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
         gaussian = (
             compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32, device=cpu)
-            if predictor.use_gaussian else None
+            if predictor.use_gaussian
+            else None
         )
         weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
         for sl in slicers:
@@ -493,7 +522,7 @@ class NnUNetStage(StagePredictor):
                 getattr(network, "_orig_mod", network).load_state_dict(params)
             logits = torch.zeros((n_classes, *padded.shape[1:]), dtype=torch.float32)
             for start in range(0, len(slicers), batch):
-                chunk = slicers[start:start + batch]
+                chunk = slicers[start : start + batch]
                 pred = predictor._internal_maybe_mirror_and_predict(torch.stack([padded[sl] for sl in chunk]))
                 if gaussian is not None:
                     pred *= gaussian
@@ -540,8 +569,9 @@ class NnUNetStage(StagePredictor):
         logger.debug("nnU-Net member: export to %s in %.2f s", tuple(out.shape[1:]), time.perf_counter() - t0)
         return out.transpose([0, *[i + 1 for i in plans.transpose_backward]])
 
-    def predict_proba(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
-                      ) -> np.ndarray:
+    def predict_proba(
+        self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+    ) -> np.ndarray:
         """Class probabilities (num_classes, z, y, x), float32, on the input grid.
 
         Raises:
