@@ -25,14 +25,9 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 
 from pacs_node.config import RETURN_TO_SENDER, Settings
-from pacs_node.deliver.dispatcher import (
-    Dispatcher,
-    backoff_delay,
-    claim,
-    classify_dimse_status,
-    parse_stow_response,
-    reap_expired_leases,
-)
+from pacs_node.deliver.base import backoff_delay, classify_dimse_status
+from pacs_node.deliver.dicomweb import parse_stow_response
+from pacs_node.deliver.dispatcher import Dispatcher, claim, reap_expired_leases
 from pacs_node.deliver.ledger import (
     DeliveryNotFound,
     DeliveryStateError,

@@ -1,15 +1,16 @@
 """The dispatcher: sends stored results to their destinations and keeps score.
 
-Rows, not calls: :func:`create_deliveries` adds one ``Delivery`` per output and
-destination when a job's outputs are stored; the :class:`Dispatcher` loop
+Rows, not calls: :func:`pacs_node.common.destinations.create_deliveries` adds
+one ``Delivery`` per output and destination when a job's outputs are stored;
+the :class:`Dispatcher` loop
 
 1. returns deliveries whose lease expired (a dispatcher that crashed or hung)
    to PENDING, and renews the leases of its own,
 2. claims due PENDING deliveries of one destination atomically (``FOR UPDATE
    SKIP LOCKED`` on PostgreSQL; a conditional UPDATE that only one process wins
    on both databases), up to ``dispatch.batch_size``,
-3. sends each batch over ONE association (C-STORE) or ONE STOW-RS request,
-   checking every returned status, and
+3. hands each batch to the destination's sender, which sends it over ONE
+   association (C-STORE) or ONE STOW-RS request, checking every returned status, and
 4. records each delivery's outcome: delivered (success or warning), retried
    after an exponential backoff with full jitter (transient), or failed for
    good (dead letter) with the reason.
@@ -17,562 +18,40 @@ destination when a job's outputs are stored; the :class:`Dispatcher` loop
 Outputs carry deterministic SOP Instance UIDs, so a re-send after a crash or an
 operator's retry replaces the destination's copy instead of adding another.
 
-:func:`send_dimse` and :func:`send_stow` are plain functions (a destination and
-files in, one :class:`Outcome` per delivery out); the loop is glue around them.
+This module is the loop only. Outcomes, status classification, backoff and the
+:class:`~pacs_node.deliver.base.Sender` interface are in
+:mod:`pacs_node.deliver.base`; the protocols in :mod:`pacs_node.deliver.dimse`
+and :mod:`pacs_node.deliver.dicomweb`; the ``type`` -> sender registry in
+:mod:`pacs_node.deliver.senders`; operators' retry and cancel in
+:mod:`pacs_node.deliver.ledger`.
 """
 
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
 import os
 import random
 import socket
-import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.common.dicomnet import client_ssl_context
-from pacs_node.common.dul import install as install_transport
-from pacs_node.config import (
-    RETURN_TO_SENDER,
-    DicomwebDestination,
-    DimseDestination,
-    DispatchSettings,
-    ReturnToSender,
-    Settings,
-)
+from pacs_node.config import RETURN_TO_SENDER, DimseDestination, DispatchSettings, ReturnToSender, Settings
+from pacs_node.deliver.base import Item, Outcome, SendOptions, Target, backoff_delay, permanent, transient
+from pacs_node.deliver.senders import target_for
 from pacs_node.errors import ConfigError
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import Delivery, DeliveryState, Job, Output, OutputKind, Series, utcnow
+from storage.models import Delivery, DeliveryState, Job, Output, Series, utcnow
 
 logger = logging.getLogger(__name__)
-
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-
-#: C-STORE warnings that still mean "stored" (PS3.4 B.2.3, PS3.7 C).
-WARNING_TEXT = {
-    0x0001: "warning",
-    0x0107: "attribute list error",
-    0x0116: "attribute value out of range",
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-}
-#: Failures that may pass: out of resources, resource limitation, processing failure, cancelled.
-TRANSIENT_FAILURE_TEXT = {
-    0x0110: "processing failure",
-    0x0213: "resource limitation",
-    0xFE00: "cancelled",
-}
-
-
-# -- outcomes -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one delivery in one attempt.
-
-    Attributes:
-        delivered: the destination holds the instance (success or warning).
-        status: the DICOM status (C-STORE) or HTTP status (STOW-RS), when one came back.
-        message: why it failed, or the warning it was stored with.
-        permanent: the destination refused it in a way that retrying is unlikely to change.
-        final: retrying cannot help at all (configuration, missing file): dead letter at once.
-        attempted: False when it was never offered (the dispatcher was stopping); not counted.
-        retry_after_s: the peer asked to wait at least this long (HTTP Retry-After).
-        peer_text: what the peer said in its own words (DICOM ErrorComment, HTTP body): kept in
-            ``last_error`` for the operator but logged at DEBUG only, since a peer may echo patient data.
-    """
-
-    delivered: bool
-    status: int | None = None
-    message: str | None = None
-    permanent: bool = False
-    final: bool = False
-    attempted: bool = True
-    retry_after_s: float | None = None
-    peer_text: str | None = None
-
-    @property
-    def error_text(self) -> str | None:
-        """``message`` plus the peer's own words, for ``last_error``."""
-        if self.peer_text and self.message:
-            return f"{self.message} (peer said: {self.peer_text})"
-        return self.message
-
-
-def _ok(status: int | None = None, warning: str | None = None) -> Outcome:
-    return Outcome(True, status, warning)
-
-
-def _transient(message: str, status: int | None = None, retry_after_s: float | None = None) -> Outcome:
-    return Outcome(False, status, message, retry_after_s=retry_after_s)
-
-
-def _permanent(message: str, status: int | None = None, *, final: bool = False) -> Outcome:
-    return Outcome(False, status, message, permanent=True, final=final)
-
-
-NOT_ATTEMPTED = Outcome(False, None, "not offered: the dispatcher was stopping", attempted=False)
-
-
-def classify_dimse_status(status: int, *, comment: str | None = None) -> Outcome:
-    """Map a C-STORE response status (or a STOW-RS FailureReason) to an outcome.
-
-    Success 0x0000 and warnings (0xB000, 0xB006, 0xB007, 0x0107, 0x0116, 0x0001)
-    are delivered. 0x0111 "duplicate SOP instance" is delivered with a warning:
-    the peer holds that UID already (and kept its copy). Out of resources
-    (0xA7xx), resource limitation (0x0213), processing failure (0x0110) and
-    cancel (0xFE00) are transient; everything else (0xA9xx, 0xCxxx, 0x0122
-    SOP class not supported, 0x0124 not authorised, ...) is permanent.
-    """
-    outcome = _classify_status(status)
-    return replace(outcome, peer_text=comment or None)
-
-
-def _classify_status(status: int) -> Outcome:
-    if status == 0x0000:
-        return _ok(status)
-    if status in WARNING_TEXT or 0xB000 <= status <= 0xBFFF:
-        return _ok(status, f"stored with warning 0x{status:04X} {WARNING_TEXT.get(status, 'warning')}")
-    if status == 0x0111:
-        return _ok(
-            status,
-            "peer reported 0x0111 duplicate SOP instance: it already holds this UID and kept its copy",
-        )
-    if 0xA700 <= status <= 0xA7FF:
-        return _transient(f"refused 0x{status:04X}: out of resources", status)
-    if status in TRANSIENT_FAILURE_TEXT:
-        return _transient(f"failed 0x{status:04X}: {TRANSIENT_FAILURE_TEXT[status]}", status)
-    if 0xA900 <= status <= 0xA9FF:
-        return _permanent(f"refused 0x{status:04X}: data set does not match SOP class", status)
-    if 0xC000 <= status <= 0xCFFF:
-        return _permanent(f"failed 0x{status:04X}: cannot understand", status)
-    if status == 0x0122:
-        return _permanent("refused 0x0122: SOP class not supported", status)
-    if status == 0x0124:
-        return _permanent("refused 0x0124: not authorised", status)
-    return _permanent(f"failed with status 0x{status:04X}", status)
-
-
-def backoff_delay(
-    attempts: int, settings: DispatchSettings, rng: random.Random | None = None, *, fraction: float | None = None
-) -> float:
-    """Seconds to wait after ``attempts`` failed attempts: full jitter over a capped exponential.
-
-    ``fraction`` (0 to 1) replaces the random draw: the deliveries of one batch
-    share it, so that they stay together and are retried in one association.
-    """
-    cap = min(settings.backoff_max_s, settings.backoff_base_s * 2 ** max(0, attempts - 1))
-    u = (rng or random).random() if fraction is None else fraction
-    return u * cap
-
-
-# -- what is sent where -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Item:
-    """One claimed delivery with what sending it needs."""
-
-    delivery_id: int
-    path: Path
-    sop_class_uid: str
-    sop_uid: str
-    kind: OutputKind
-
-
-@dataclass(frozen=True)
-class Target:
-    """A resolved peer: a configured destination, or the sender of a job's series."""
-
-    name: str  # the destination name (RETURN_TO_SENDER for return to sender)
-    where: str  # the settings key, for messages
-    destination: DimseDestination | DicomwebDestination
-
-    @property
-    def label(self) -> str:
-        d = self.destination
-        if isinstance(d, DimseDestination):
-            return f"{self.name} ({d.ae_title}@{d.host}:{d.port}{' TLS' if d.tls else ''})"
-        return f"{self.name} ({d.url})"
-
-
-def resolve_sender(session: Session, settings: Settings, job_id: int) -> Target:
-    """The DIMSE peer that sent a job's triggering series, for ``return_to_sender``.
-
-    Raises:
-        ConfigError: the route no longer asks for it, or the series arrived without a calling AE and
-            address (over STOW-RS, or before they were recorded).
-    """
-    job = session.get(Job, job_id)
-    if job is None:
-        raise ConfigError(f"job {job_id} no longer exists")
-    route = next((r for r in settings.routes if r.name == job.route), None)
-    rts: ReturnToSender | None = route.return_to_sender if route is not None else None
-    if rts is None:
-        raise ConfigError(f"route {job.route!r} no longer has return_to_sender configured")
-    series = None
-    if job.trigger_series_uid:
-        series = session.scalar(select(Series).where(Series.series_uid == job.trigger_series_uid))
-    if series is None or not series.calling_ae or not series.source_address:
-        raise ConfigError(
-            f"return to sender: the series of job {job_id} did not arrive over DIMSE with a calling AE title "
-            "and address, so there is no sender to return to"
-        )
-    try:
-        dest = DimseDestination(
-            type="dimse",
-            host=series.source_address,
-            port=rts.port,
-            ae_title=series.calling_ae,
-            calling_ae=None,
-            seg_type=rts.seg_type,
-            tls=rts.tls,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"return to sender: the recorded sender cannot be called: {exc}") from exc
-    where = f"routes[{settings.routes.index(route)}].return_to_sender" if route is not None else "return_to_sender"
-    return Target(RETURN_TO_SENDER, where, dest)
-
-
-# -- DIMSE --------------------------------------------------------------------------------------------------------
-
-
-def _file_transfer_syntax(path: Path) -> str | None:
-    from pydicom.filereader import read_file_meta_info
-
-    try:
-        return str(read_file_meta_info(path).TransferSyntaxUID)
-    except Exception:
-        return None
-
-
-def diagnose_connect(host: str, port: int, tls_args: tuple[ssl.SSLContext, str] | None, timeout_s: float) -> str:
-    """Why a connection to a peer fails, in words (a second, plain attempt made only after a failure)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            if tls_args is None:
-                return "the connection closed before the association was negotiated"
-            ctx, name = tls_args
-            with ctx.wrap_socket(sock, server_hostname=name):
-                return "the connection closed before the association was negotiated"
-    except ssl.SSLCertVerificationError as exc:
-        return f"TLS: the peer's certificate is not trusted: {exc.verify_message}"
-    except ssl.SSLError as exc:
-        return f"TLS handshake failed: {exc.reason or exc}"
-    except TimeoutError:
-        return f"no answer within {timeout_s:g} s"
-    except ConnectionRefusedError:
-        return "connection refused (is the peer running and listening on this port?)"
-    except OSError as exc:
-        return exc.strerror or str(exc)
-
-
-def _split_missing(items: Sequence[Item]) -> tuple[dict[int, Outcome], list[Item]]:
-    """(final failures for items whose file left the store, the items still to send)."""
-    out: dict[int, Outcome] = {}
-    todo: list[Item] = []
-    for item in items:
-        if not item.path.is_file():
-            out[item.delivery_id] = _permanent(f"file {item.path} is missing from the store", final=True)
-        else:
-            todo.append(item)
-    return out, todo
-
-
-def send_dimse(
-    target: Target,
-    items: Sequence[Item],
-    *,
-    calling_ae: str,
-    timeout_s: float,
-    stop: threading.Event | None = None,
-) -> dict[int, Outcome]:
-    """C-STORE ``items`` to a DIMSE peer over one association; one outcome per delivery id.
-
-    Presentation contexts: one per SOP class among the items, proposing Explicit
-    VR Little Endian, Implicit VR Little Endian and the file's own syntax when
-    it is another (pynetdicom converts between the uncompressed ones).
-    """
-    from pydicom.errors import InvalidDicomError
-    from pynetdicom import AE, evt
-
-    dest = target.destination
-    if not isinstance(dest, DimseDestination):
-        raise TypeError(f"send_dimse needs a DIMSE destination, not {type(dest).__name__}")
-    out, todo = _split_missing(items)
-    if not todo:
-        return out
-    tls_args = None
-    if dest.tls is not None:
-        try:
-            ctx = client_ssl_context(dest.tls, where=f"{target.where}.tls")
-        except ConfigError as exc:
-            return out | {i.delivery_id: _permanent(str(exc)) for i in todo}
-        tls_args = (ctx, dest.tls.server_name or dest.host)
-
-    syntaxes: dict[str, list[str]] = {}
-    for item in todo:
-        ts = syntaxes.setdefault(item.sop_class_uid, [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN])
-        own = _file_transfer_syntax(item.path)
-        if own and own not in ts:
-            ts.append(own)
-    install_transport()  # among others, a reactor pause that holds between consecutive C-STOREs
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    for sop_class, ts in syntaxes.items():
-        ae.add_requested_context(sop_class, ts)
-    connected = threading.Event()
-    assoc = ae.associate(
-        dest.host,
-        dest.port,
-        ae_title=dest.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.set())],
-    )
-    if not assoc.is_established:
-        if assoc.is_rejected and assoc.acceptor.primitive is not None:
-            prim = assoc.acceptor.primitive
-            text = f"association rejected by {target.label}: {prim.result_str}, {prim.source_str}, {prim.reason_str}"
-            outcome = _permanent(text) if prim.result == 0x01 else _transient(text)
-        elif connected.is_set():
-            hint = (
-                " (over TLS this is how a peer refuses our client certificate, or the lack of one)" if tls_args else ""
-            )
-            outcome = _transient(f"association with {target.label} aborted during negotiation{hint}")
-        else:
-            why = diagnose_connect(dest.host, dest.port, tls_args, timeout_s)
-            outcome = _transient(f"cannot connect to {target.label}: {why}")
-        return out | {i.delivery_id: outcome for i in todo}
-    try:
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        for item in todo:
-            if stop is not None and stop.is_set():
-                out[item.delivery_id] = NOT_ATTEMPTED
-                continue
-            if not assoc.is_established:
-                out[item.delivery_id] = _transient(f"association with {target.label} ended before this instance")
-                continue
-            if item.sop_class_uid not in accepted:
-                out[item.delivery_id] = _permanent(
-                    f"{target.label} accepted no presentation context for SOP class {item.sop_class_uid} "
-                    f"({item.kind.value})"
-                )
-                continue
-            try:
-                status = assoc.send_c_store(str(item.path))
-            except (InvalidDicomError, OSError) as exc:
-                out[item.delivery_id] = _permanent(f"file {item.path} cannot be read: {exc}", final=True)
-                continue
-            except (ValueError, AttributeError) as exc:
-                out[item.delivery_id] = _permanent(f"cannot send to {target.label}: {exc}")
-                continue
-            except RuntimeError as exc:
-                out[item.delivery_id] = _transient(f"association with {target.label} lost: {exc}")
-                continue
-            if not status or "Status" not in status:
-                out[item.delivery_id] = _transient(
-                    f"no C-STORE response from {target.label} within {timeout_s:g} s or the association was aborted"
-                )
-                continue
-            comment = str(status.ErrorComment) if "ErrorComment" in status else None
-            out[item.delivery_id] = classify_dimse_status(int(status.Status), comment=comment)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return out
-
-
-# -- STOW-RS ------------------------------------------------------------------------------------------------------
-
-
-def _dicom_json_sequence(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    element = body.get(tag) or {}
-    value = element.get("Value") or []
-    return [v for v in value if isinstance(v, dict)]
-
-
-def _dicom_json_value(item: dict[str, Any], tag: str) -> Any:
-    value = (item.get(tag) or {}).get("Value") or [None]
-    return value[0]
-
-
-def parse_stow_response(text: str) -> tuple[dict[str, int | None], dict[str, int], bool]:
-    """Referenced (uid -> WarningReason or None) and failed (uid -> FailureReason) SOP instances of a
-    STOW-RS response in DICOM JSON; the last value says whether it could be parsed."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}, {}, False
-    body = data[0] if isinstance(data, list) and data else data
-    if not isinstance(body, dict):
-        return {}, {}, False
-    stored: dict[str, int | None] = {}
-    failed: dict[str, int] = {}
-    for item in _dicom_json_sequence(body, "00081199"):  # ReferencedSOPSequence
-        uid = _dicom_json_value(item, "00081155")
-        if uid:
-            warning = _dicom_json_value(item, "00081196")  # WarningReason
-            stored[str(uid)] = int(warning) if warning is not None else None
-    for item in _dicom_json_sequence(body, "00081198"):  # FailedSOPSequence
-        uid = _dicom_json_value(item, "00081155")
-        if uid:
-            reason = _dicom_json_value(item, "00081197")  # FailureReason
-            failed[str(uid)] = int(reason) if reason is not None else 0x0110
-    return stored, failed, True
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - utcnow()).total_seconds())
-
-
-def _multipart(items: Sequence[Item], boundary: str) -> tuple[int, Iterator[bytes]]:
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-    tail = f"--{boundary}--\r\n".encode("ascii")
-    sizes = [item.path.stat().st_size for item in items]
-    length = sum(len(head) + size + 2 for size in sizes) + len(tail)
-
-    def body() -> Iterator[bytes]:
-        for item in items:
-            yield head
-            with item.path.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    yield chunk
-            yield b"\r\n"
-        yield tail
-
-    return length, body()
-
-
-def stow_ssl(dest: DicomwebDestination, where: str) -> ssl.SSLContext | bool:
-    """The ``verify`` argument for httpx: a context trusting ``ca_file``, the system's, or off.
-
-    Raises:
-        ConfigError: ``ca_file`` cannot be loaded (names the key).
-    """
-    if not dest.verify:
-        return False
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if dest.ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(dest.ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{where}.ca_file: cannot load CA certificates from {dest.ca_file}: {exc}") from exc
-    return ctx
-
-
-def send_stow(target: Target, items: Sequence[Item], *, timeout_s: float) -> dict[int, Outcome]:
-    """POST ``items`` to ``url/studies`` in one multipart/related STOW-RS request; one outcome per delivery id.
-
-    The response's ReferencedSOPSequence and FailedSOPSequence decide each
-    instance. HTTP 408, 429 and 5xx are transient (honouring Retry-After);
-    other 4xx, 409 included, are permanent.
-    """
-    import httpx
-
-    dest = target.destination
-    if not isinstance(dest, DicomwebDestination):
-        raise TypeError(f"send_stow needs a DICOMweb destination, not {type(dest).__name__}")
-    out, todo = _split_missing(items)
-    if not todo:
-        return out
-
-    def all_(outcome: Outcome) -> dict[int, Outcome]:
-        return out | {i.delivery_id: outcome for i in todo}
-
-    try:
-        secret = dest.secret(target.name)
-        verify = stow_ssl(dest, target.where)
-    except ConfigError as exc:
-        return all_(_permanent(str(exc)))
-    boundary = uuid.uuid4().hex
-    headers = {
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json",
-    }
-    auth: httpx.Auth | None = None
-    if dest.auth == "bearer" and secret is not None:
-        headers["Authorization"] = f"Bearer {secret}"
-    elif dest.auth == "basic" and secret is not None:
-        auth = httpx.BasicAuth(dest.username or "", secret)
-    length, body = _multipart(todo, boundary)
-    headers["Content-Length"] = str(length)
-    url = f"{dest.url}/studies"
-    try:
-        # trust_env off: no proxy, netrc or CA bundle from the environment; the settings say everything.
-        with httpx.Client(
-            verify=verify, timeout=timeout_s, follow_redirects=False, auth=auth, trust_env=False
-        ) as client:
-            response = client.post(url, content=body, headers=headers)
-    except httpx.TimeoutException:
-        return all_(_transient(f"STOW-RS to {target.label}: no response within {timeout_s:g} s"))
-    except httpx.HTTPError as exc:
-        return all_(_transient(f"STOW-RS to {target.label} failed: {str(exc) or type(exc).__name__}"))
-    code = response.status_code
-    stored, failed, parsed = parse_stow_response(response.text)
-    where = f"{target.label}: HTTP {code}"
-    if code in (200, 202, 409):
-        for item in todo:
-            if item.sop_uid in failed:
-                reason = failed[item.sop_uid]
-                cls = classify_dimse_status(reason)
-                message = f"STOW-RS {where}, FailureReason 0x{reason:04X}: {cls.message}"
-                out[item.delivery_id] = replace(cls, status=code, message=message, delivered=False)
-            elif item.sop_uid in stored or (code == 200 and not failed):
-                warning = stored.get(item.sop_uid)
-                text = f"STOW-RS {where}, WarningReason 0x{warning:04X}" if warning is not None else None
-                out[item.delivery_id] = _ok(code, text)
-            elif code == 409:
-                out[item.delivery_id] = _permanent(f"STOW-RS {where} (conflict): the server stored none", code)
-            else:
-                detail = "not listed in the response" if parsed else "unreadable response"
-                out[item.delivery_id] = _transient(f"STOW-RS {where}: instance {detail}", code)
-        return out
-    said = " ".join(response.text.split())[:200] or None
-    detail = f"STOW-RS {where}"
-    if code in (408, 425, 429) or code >= 500:
-        outcome = _transient(detail, code, _retry_after(response.headers.get("Retry-After")))
-    elif code in (401, 403):
-        outcome = _permanent(f"{detail} (check destinations.{target.name}.auth and its secret)", code)
-    elif code == 413:
-        outcome = _permanent(f"{detail} (request too large: lower dispatch.batch_size)", code)
-    elif 300 <= code < 400:
-        location = response.headers.get("Location", "?")
-        outcome = _permanent(f"{detail}: redirected to {location}; set destinations.{target.name}.url", code)
-    elif 200 <= code < 300:
-        outcome = _ok(code, f"{detail} (unexpected success status)")
-    else:
-        outcome = _permanent(detail, code)
-    return all_(replace(outcome, peer_text=said))
 
 
 # -- claiming, recording ------------------------------------------------------------------------------------------
@@ -824,6 +303,44 @@ def load_items(session: Session, store: FileStore, ids: Sequence[int]) -> list[t
     return [(Item(r[0], store.path(r[2]), r[3], r[4], r[5]), r[1]) for r in rows]
 
 
+def resolve_sender(session: Session, settings: Settings, job_id: int) -> Target:
+    """The DIMSE peer that sent a job's triggering series, for ``return_to_sender``.
+
+    Raises:
+        ConfigError: the route no longer asks for it, or the series arrived without a calling AE and
+            address (over STOW-RS, or before they were recorded).
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise ConfigError(f"job {job_id} no longer exists")
+    route = next((r for r in settings.routes if r.name == job.route), None)
+    rts: ReturnToSender | None = route.return_to_sender if route is not None else None
+    if rts is None:
+        raise ConfigError(f"route {job.route!r} no longer has return_to_sender configured")
+    series = None
+    if job.trigger_series_uid:
+        series = session.scalar(select(Series).where(Series.series_uid == job.trigger_series_uid))
+    if series is None or not series.calling_ae or not series.source_address:
+        raise ConfigError(
+            f"return to sender: the series of job {job_id} did not arrive over DIMSE with a calling AE title "
+            "and address, so there is no sender to return to"
+        )
+    try:
+        dest = DimseDestination(
+            type="dimse",
+            host=series.source_address,
+            port=rts.port,
+            ae_title=series.calling_ae,
+            calling_ae=None,
+            seg_type=rts.seg_type,
+            tls=rts.tls,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"return to sender: the recorded sender cannot be called: {exc}") from exc
+    where = f"routes[{settings.routes.index(route)}].return_to_sender" if route is not None else "return_to_sender"
+    return target_for(RETURN_TO_SENDER, where, dest)
+
+
 # -- the loop -----------------------------------------------------------------------------------------------------
 
 
@@ -901,14 +418,9 @@ class Dispatcher:
 
         problems: list[str] = []
         for name, dest in self.settings.destinations.items():
-            where = f"destinations.{name}"
             try:
-                if isinstance(dest, DimseDestination):
-                    if dest.tls is not None:
-                        client_ssl_context(dest.tls, where=f"{where}.tls")
-                else:
-                    dest.secret(name)
-                    stow_ssl(dest, where)
+                target = target_for(name, f"destinations.{name}", dest)
+                target.sender.check(target)
             except ConfigError as exc:
                 problems.append(f"destination {name} cannot be used until this is fixed: {exc}")
         for i, route in enumerate(self.settings.routes):
@@ -941,7 +453,7 @@ class Dispatcher:
             self._send_batch(destination, ids)
         except Exception:
             logger.exception("dispatching %d deliveries to %s failed unexpectedly", len(ids), destination)
-            outcomes = {i: _transient("internal error in the dispatcher; see the node's log") for i in ids}
+            outcomes = {i: transient("internal error in the dispatcher; see the node's log") for i in ids}
             record(self.db, outcomes, self.worker_id, ds, label=destination)
         return len(ids)
 
@@ -950,39 +462,39 @@ class Dispatcher:
         groups: dict[str, tuple[Target | None, list[Item], str]] = {}
         with self.db.session() as session:
             for item, job_id in load_items(session, self.store, ids):
-                if destination == RETURN_TO_SENDER:
-                    try:
-                        target: Target | None = resolve_sender(session, self.settings, job_id)
-                        problem = ""
-                    except ConfigError as exc:
-                        target, problem = None, str(exc)
-                else:
-                    dest = self.settings.destinations.get(destination)
-                    target = Target(destination, f"destinations.{destination}", dest) if dest is not None else None
-                    problem = "" if dest is not None else f"destination {destination!r} is no longer configured"
+                try:
+                    target: Target | None = self._target(session, destination, job_id)
+                    problem = ""
+                except ConfigError as exc:
+                    target, problem = None, str(exc)
                 key = target.label if target is not None else f"unresolved: {problem}"
                 groups.setdefault(key, (target, [], problem))[1].append(item)
         for _key, (target, items, problem) in groups.items():
             if target is None:
-                outcomes = {i.delivery_id: _permanent(problem, final=True) for i in items}
+                outcomes = {i.delivery_id: permanent(problem, final=True) for i in items}
                 record(self.db, outcomes, self.worker_id, ds, label=destination)
                 continue
-            if isinstance(target.destination, DimseDestination):
-                outcomes = send_dimse(
-                    target,
-                    items,
-                    calling_ae=target.destination.calling_ae or self.settings.dicom.ae_title,
-                    timeout_s=ds.timeout_s,
-                    stop=self._stop,
-                )
-            else:
-                outcomes = send_stow(target, items, timeout_s=ds.timeout_s)
+            options = SendOptions(self.settings.dicom.ae_title, ds.timeout_s, self._stop)
+            outcomes = target.sender.send(target, items, options)
             states = record(self.db, outcomes, self.worker_id, ds, label=target.label)
             done = sum(1 for s in states.values() if s is DeliveryState.DELIVERED)
             log = logger.info if done == len(items) else logger.warning
             log("sent %d instances to %s: %d delivered", len(items), target.label, done)
             for item in items:
                 logger.debug("delivery %d: %s %s -> %s", item.delivery_id, item.kind.value, item.sop_uid, target.name)
+
+    def _target(self, session: Session, destination: str, job_id: int) -> Target:
+        """Where a claimed delivery of ``destination`` (and of job ``job_id``) goes.
+
+        Raises:
+            ConfigError: the destination is no longer configured, or its sender cannot be resolved.
+        """
+        if destination == RETURN_TO_SENDER:
+            return resolve_sender(session, self.settings, job_id)
+        dest = self.settings.destinations.get(destination)
+        if dest is None:
+            raise ConfigError(f"destination {destination!r} is no longer configured")
+        return target_for(destination, f"destinations.{destination}", dest)
 
     def _run(self) -> None:
         ds = self.settings.dispatch

@@ -3,7 +3,8 @@
 :func:`conformance_statement` returns Markdown: what the node accepts (SOP
 classes and transfer syntaxes of the Storage SCP, taken from the same lists
 the SCP is built from), what it produces and sends, its AE title, ports,
-access control, TLS status and DICOMweb services. It reads nothing but the
+access control, TLS status and DICOMweb services (each destination as its
+sender in :mod:`pacs_node.deliver.senders` describes it). It reads nothing but the
 settings and the code, so ``pacs-node conformance`` and the HTTP server's
 ``/conformance`` print the same text for the same configuration.
 """
@@ -14,7 +15,8 @@ from pydicom.uid import UID
 
 from pacs_node import __version__
 from pacs_node.common.dicomnet import VERIFICATION
-from pacs_node.config import DicomwebDestination, DimseDestination, Settings
+from pacs_node.config import Settings
+from pacs_node.deliver.senders import sender_for
 from pacs_node.receive.scp import TRANSFER_SYNTAXES, storage_sop_classes
 
 #: Objects the node produces: (SOP class UID, what it is, when).
@@ -165,19 +167,8 @@ def conformance_statement(settings: Settings, *, http_url: str | None = None) ->
     lines += ["", "Destinations configured:", ""]
     dest_rows: list[tuple[str, ...]] = []
     for name, dest in sorted(settings.destinations.items()):
-        if isinstance(dest, DimseDestination):
-            dest_rows.append(
-                (
-                    name,
-                    "C-STORE SCU" + (" over TLS" if dest.tls is not None else ""),
-                    f"`{dest.ae_title}` at {dest.host}:{dest.port}",
-                    dest.seg_type,
-                )
-            )
-        elif isinstance(dest, DicomwebDestination):
-            dest_rows.append(
-                (name, "STOW-RS" + (f" ({dest.auth} auth)" if dest.auth != "none" else ""), dest.url, dest.seg_type)
-            )
+        protocol, peer = sender_for(dest).describe(dest)
+        dest_rows.append((name, protocol, peer, dest.seg_type))
     lines += _table(("Name", "Protocol", "Peer", "SEG type"), dest_rows) if dest_rows else ["none"]
     senders = [r.name for r in settings.routes if r.return_to_sender is not None]
     if senders:
