@@ -32,12 +32,14 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "common": {"config"},
     **{stage: {"config", "common"} for stage in STAGES},
+    "query": {"config", "common"},  # the one read layer of the faces (CLI, JSON API, dashboard)
     "web": {
         "config",
         "common",
+        "query",
         *STAGES,
     },  # a face: STOW -> receive, rerun -> process, retry -> deliver, tester -> route
-    "app": {"config", "common", "web", *STAGES},  # the only place that wires stages
+    "app": {"config", "common", "query", "web", *STAGES},  # the only place that wires stages
 }
 
 #: (importing module, imported module) pairs imported inside a function on purpose.

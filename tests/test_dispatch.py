@@ -28,15 +28,10 @@ from pacs_node.config import RETURN_TO_SENDER, Settings
 from pacs_node.deliver.base import backoff_delay, classify_dimse_status
 from pacs_node.deliver.dicomweb import parse_stow_response
 from pacs_node.deliver.dispatcher import Dispatcher, claim, reap_expired_leases
-from pacs_node.deliver.ledger import (
-    DeliveryNotFound,
-    DeliveryStateError,
-    cancel_delivery,
-    list_deliveries,
-    retry_delivery,
-)
+from pacs_node.deliver.ledger import DeliveryNotFound, DeliveryStateError, cancel_delivery, retry_delivery
 from pacs_node.errors import ConfigError
 from pacs_node.process.results import store_outputs
+from pacs_node.query import list_deliveries
 from storage.db import Database
 from storage.models import Delivery, DeliveryState, Job, JobState, OutputKind, Series, utcnow
 from tests.conftest import Env, Made, RecordingSCP, dimse, free_port, wait_for
@@ -312,8 +307,8 @@ def test_retry_and_cancel(queued: Callable[..., Env], recording_scp: Callable[..
     with env.db.session() as s, pytest.raises(DeliveryStateError, match="only pending or failed"):
         cancel_delivery(s, second.id)
     with env.db.session() as s:
-        assert [d.id for d in list_deliveries(s, states=["failed"])] == [third.id]
-        assert [d.id for d in list_deliveries(s, states=[DeliveryState.PENDING])] == [first.id]
+        assert [r.delivery.id for r in list_deliveries(s, states=["failed"]).items] == [third.id]
+        assert [r.delivery.id for r in list_deliveries(s, states=[DeliveryState.PENDING]).items] == [first.id]
 
     scp.status = 0x0000
     assert dispatcher.run_once() == 1

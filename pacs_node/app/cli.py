@@ -14,11 +14,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pacs_node import __version__
+from pacs_node import __version__, query
 from pacs_node.common.logs import configure_logging
 from pacs_node.config import Settings, load_settings
 from pacs_node.config.defaults import models_dir
-from pacs_node.deliver.ledger import cancel_delivery, delivery_dict, list_deliveries, retry_delivery
+from pacs_node.deliver.ledger import cancel_delivery, retry_delivery
 from pacs_node.deliver.scu import echo, send_files
 from pacs_node.errors import PacsNodeError
 from pacs_node.process.jobs import rerun
@@ -26,7 +26,6 @@ from pacs_node.route.tester import rules_report
 from pacs_node.web.conformance import conformance_statement
 from storage.db import Database
 from storage.errors import StorageError
-from storage.models import Job, JobState, Output, Study
 
 logger = logging.getLogger(__name__)
 
@@ -123,26 +122,20 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
     with _database(settings) as db, db.session() as session:
-        studies = session.scalars(select(Study).order_by(Study.id.desc()).limit(args.limit)).all()
-        if not studies:
+        rows = query.list_studies(session, limit=args.limit).items
+        if not rows:
             print("no studies received yet")
             return 0
+        series = query.series_by_study(session, [row.study.id for row in rows]) if args.series else {}
         print(f"{'id':>5}  {'study date':10}  {'series':>6}  {'instances':>9}  {'jobs':14}  study instance UID")
-        for st in studies:
-            n_inst = sum(s.instance_count for s in st.series)
-            jobs = session.scalars(select(Job).where(Job.study_id == st.id)).all()
-            states: dict[str, int] = {}
-            for j in jobs:
-                states[j.state.value] = states.get(j.state.value, 0) + 1
-            job_txt = ",".join(f"{k.lower()}:{v}" for k, v in sorted(states.items())) or "-"
-            print(
-                f"{st.id:>5}  {st.study_date or '-':10}  {len(st.series):>6}  {n_inst:>9}  {job_txt:14}  {st.study_uid}"
-            )
+        for row in rows:
+            st = row.study
+            job_txt = ",".join(f"{k.lower()}:{v}" for k, v in sorted(row.jobs.items())) or "-"
+            counts = f"{row.series:>6}  {row.instances:>9}"
+            print(f"{st.id:>5}  {st.study_date or '-':10}  {counts}  {job_txt:14}  {st.study_uid}")
             if args.series:
-                for s in st.series:
+                for s in series[st.id]:
                     print(
                         f"         series {s.series_number if s.series_number is not None else '-':>4} "
                         f"{(s.modality or '?'):3} {s.instance_count:>5} inst  {s.state.value:9} "
@@ -152,13 +145,9 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
     with _database(settings) as db, db.session() as session:
-        q = select(Job).order_by(Job.id.desc()).limit(args.limit)
-        if args.state:
-            q = q.where(Job.state == JobState(args.state.upper()))
-        jobs = session.scalars(q).all()
+        page = query.list_jobs(session, states=[args.state] if args.state else [], limit=args.limit)
+        jobs = [row.job for row in page.items]
         if not jobs:
             print("no jobs")
             return 0
@@ -182,17 +171,18 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
 
     with _database(settings) as db, db.session() as session:
-        job = session.get(Job, args.id)
-        if job is None:
+        row = query.job_detail(session, args.id)
+        if row is None:
             print(f"no job {args.id}", file=sys.stderr)
             return 1
+        job = row.job
         fields = {
             "id": job.id,
             "state": job.state.value,
             "pipeline": job.pipeline,
             "route": job.route,
             "priority": job.priority,
-            "study": job.study.study_uid,
+            "study": row.study.study_uid if row.study else None,
             "inputs": job.inputs,
             "destinations": job.destinations,
             "reason": job.reason,
@@ -223,15 +213,12 @@ def cmd_jobs_rerun(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
-    import json
-
     with _database(settings) as db, db.session() as session:
-        rows = list_deliveries(
-            session, states=[args.state] if args.state else (), destination=args.destination, limit=args.limit
-        )
-        outputs = {o.id: o for o in session.query(Output).filter(Output.id.in_([r.output_id for r in rows]))}
+        rows = query.list_deliveries(
+            session, states=[args.state] if args.state else [], destination=args.destination, limit=args.limit
+        ).items
         if args.json:
-            print(json.dumps([delivery_dict(r, outputs.get(r.output_id)) for r in rows], indent=2))
+            print(json.dumps([query.delivery_dict(r.delivery, r.output) for r in rows], indent=2))
             return 0
         if not rows:
             print("no deliveries" + (f" in state {args.state}" if args.state else ""))
@@ -240,11 +227,8 @@ def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
             f"{'id':>5}  {'job':>5}  {'kind':12}  {'destination':16}  {'state':11}  {'tries':>5}  "
             f"{'status':6}  {'updated (UTC)':19}  next / last error"
         )
-        for r in rows:
-            out = outputs.get(r.output_id)
-            dest = settings.destinations.get(r.destination)
-            http = dest is not None and dest.type == "dicomweb"  # else DIMSE (return to sender included)
-            status = None if r.last_status is None else str(r.last_status) if http else f"0x{r.last_status:04X}"
+        for r, out, _study in rows:
+            status = query.shown_status(settings, r)
             note = r.last_error or ""
             if r.state.value == "pending" and r.next_attempt_at is not None:
                 note = f"next {r.next_attempt_at:%H:%M:%S}" + (f"; {note}" if note else "")

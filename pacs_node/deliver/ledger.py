@@ -1,17 +1,15 @@
-"""Operator actions on deliveries: list, retry, cancel.
+"""Operator actions on deliveries: retry, cancel.
 
-Plain functions on a SQLAlchemy session, shared by the CLI and the HTTP API.
-They change rows only; the dispatcher picks a re-queued delivery up at its next
-poll. The caller commits (``Database.session()`` does on success).
+Plain functions on a SQLAlchemy session, shared by the CLI and the HTTP API
+(both read deliveries through :mod:`pacs_node.query`). They change rows only;
+the dispatcher picks a re-queued delivery up at its next poll. The caller
+commits (``Database.session()`` does on success).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_node.errors import PacsNodeError
@@ -100,60 +98,3 @@ def cancel_delivery(session: Session, delivery_id: int) -> Delivery:
     session.flush()
     logger.info("delivery %d to %s cancelled by an operator", delivery_id, row.destination)
     return row
-
-
-def list_deliveries(
-    session: Session,
-    *,
-    states: Sequence[DeliveryState | str] = (),
-    destination: str | None = None,
-    study_id: int | None = None,
-    job_id: int | None = None,
-    limit: int = 100,
-) -> list[Delivery]:
-    """Deliveries, newest first, optionally filtered.
-
-    Raises:
-        ValueError: a state is not one of :class:`DeliveryState`'s values.
-    """
-    q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
-    if states:
-        q = q.where(Delivery.state.in_([DeliveryState(s) for s in states]))
-    if destination is not None:
-        q = q.where(Delivery.destination == destination)
-    if study_id is not None:
-        q = q.where(Delivery.study_id == study_id)
-    if job_id is not None:
-        q = q.where(Delivery.job_id == job_id)
-    return list(session.scalars(q))
-
-
-def delivery_dict(row: Delivery, output: Output | None = None) -> dict[str, Any]:
-    """A JSON-ready view of a delivery (times in ISO 8601 UTC); no patient data."""
-
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    out: dict[str, Any] = {
-        "id": row.id,
-        "output_id": row.output_id,
-        "job_id": row.job_id,
-        "study_id": row.study_id,
-        "destination": row.destination,
-        "state": row.state.value,
-        "attempts": row.attempts,
-        "next_attempt_at": iso(row.next_attempt_at),
-        "created_at": iso(row.created_at),
-        "updated_at": iso(row.updated_at),
-        "started_at": iso(row.started_at),
-        "delivered_at": iso(row.delivered_at),
-        "last_status": row.last_status,
-        "last_error": row.last_error,
-        "permanent": row.permanent,
-        "worker_id": row.worker_id,
-        "lease_until": iso(row.lease_until),
-    }
-    if output is not None:
-        out["kind"] = output.kind.value
-        out["sop_instance_uid"] = output.sop_uid
-    return out

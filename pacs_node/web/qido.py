@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Integer, Select, and_, exists, func, liter
 from sqlalchemy.orm import Session
 
 from pacs_node.errors import PacsNodeError
+from pacs_node.query import like_pattern
 from pacs_node.web.catalog import (
     OUTPUT_MODALITY,
     kinds_for_modalities,
@@ -232,20 +233,6 @@ def parse_query(
 
 
 # -- SQL ---------------------------------------------------------------------------------------------------------------
-
-
-def like_pattern(value: str) -> str:
-    out = []
-    for ch in value:
-        if ch in "\\%_":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _text_match(col: Any, value: str, *, fold: bool = False, fuzzy: bool = False) -> ColumnElement[bool]:

@@ -1,7 +1,8 @@
 """The dashboard's pages: server-rendered HTML under ``/ui/``, no front-end build.
 
-Handlers are thin: they read the query, call :mod:`.queries` (or the rule
-engine, or the model packages) and render a Jinja2 template. Every page has a
+Handlers are thin: they read the request, call :mod:`pacs_node.query` (the
+read layer the CLI and the JSON API share), the rule engine or the model
+packages, and render a Jinja2 template. Every page has a
 ``content`` block; ``?partial=1`` answers that block alone, which the page's
 small script (``static/dashboard.js``) fetches every ``http.dashboard_refresh_s``
 seconds to refresh the page in place. Changes go through the JSON API
@@ -19,6 +20,7 @@ import hmac
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,18 +31,18 @@ import anyio
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pacs_node import __version__
+from pacs_node import __version__, query
 from pacs_node.common.header import HeaderError, NotDicomError, header_from_file
 from pacs_node.config import Settings
 from pacs_node.config.rules import CompiledRules, compile_settings
 from pacs_node.web.auth import SESSION_COOKIE, safe_next, session_value
 from pacs_node.web.context import HttpContext
-from pacs_node.web.dashboard import queries
 from pacs_node.web.dashboard.markdown import render_markdown
 from storage.errors import InvalidUID
 from storage.filestore import validate_uid
@@ -52,6 +54,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: largest file the rule tester reads (only its header is used)
 MAX_TEST_BYTES = 64 * 2**20
 SESSION_MAX_AGE_S = 12 * 3600
+#: rows per page of the lists
+PAGE_SIZE = 50
 #: on every page: never framed by another site (clickjacking), no content sniffing, not cached
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -217,6 +221,30 @@ def _render(request: Request, template: str, nav: str, status: int = 200, **valu
     return HTMLResponse(body, status_code=status, headers=PAGE_HEADERS)
 
 
+def _offset(request: Request) -> int:
+    """The first row of the page the ``page`` parameter asks for (from 1; anything else is page 1)."""
+    try:
+        number = max(1, int(request.query_params.get("page") or 1))
+    except ValueError:
+        number = 1
+    return (number - 1) * PAGE_SIZE
+
+
+def _listed(
+    request: Request, session: Session, lister: Callable[..., query.Page[Any]], noun: str, **filters: Any
+) -> query.Page[Any]:
+    """The page of a list of :mod:`pacs_node.query` that the ``page`` and ``state`` parameters ask for.
+
+    Raises:
+        DashboardError: 400 for a state that is not a ``noun`` state.
+    """
+    state = request.query_params.get("state", "")
+    try:
+        return lister(session, states=[state] if state else [], limit=PAGE_SIZE, offset=_offset(request), **filters)
+    except query.FilterError as exc:
+        raise DashboardError(400, f"state {state!r} is not a {noun} state") from exc
+
+
 # -- pages ----------------------------------------------------------------------------------------------------------
 
 
@@ -224,7 +252,7 @@ def overview(request: Request) -> Response:
     """Counts by state, the latest jobs with their previews, failed deliveries."""
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        data = queries.overview(session)
+        data = query.overview(session)
         return _render(request, "overview.html", "overview", data=data)
 
 
@@ -233,7 +261,7 @@ def studies(request: Request) -> Response:
     ctx = _ctx(request)
     q = request.query_params.get("q", "")[:128]
     with ctx.db.sessions() as session:
-        page = queries.studies_page(session, q=q, page=request.query_params.get("page"))
+        page = query.list_studies(session, text=q, limit=PAGE_SIZE, offset=_offset(request))
         return _render(request, "studies.html", "studies", page=page, q=q)
 
 
@@ -245,7 +273,7 @@ def study(request: Request) -> Response:
     except InvalidUID as exc:
         raise DashboardError(400, str(exc)) from exc
     with ctx.db.sessions() as session:
-        detail = queries.study_detail(session, uid)
+        detail = query.study_detail(session, uid)
         if detail is None:
             raise DashboardError(404, f"no study {uid} on this node")
         return _render(request, "study.html", "studies", detail=detail)
@@ -257,11 +285,8 @@ def jobs(request: Request) -> Response:
     state = request.query_params.get("state", "")
     pipeline = request.query_params.get("pipeline", "")[:64]
     with ctx.db.sessions() as session:
-        try:
-            page = queries.jobs_page(session, state=state, pipeline=pipeline, page=request.query_params.get("page"))
-        except ValueError as exc:
-            raise DashboardError(400, f"state {state!r} is not a job state") from exc
-        pipelines = queries.pipelines_seen(session)
+        page = _listed(request, session, query.list_jobs, "job", pipeline=pipeline, cards=True)
+        pipelines = query.pipelines_seen(session)
         return _render(
             request, "jobs.html", "jobs", page=page, state=state.upper(), pipeline=pipeline, pipelines=pipelines
         )
@@ -271,7 +296,7 @@ def job(request: Request) -> Response:
     """One job's card."""
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        row = queries.job_detail(session, int(request.path_params["id"]))
+        row = query.job_detail(session, int(request.path_params["id"]))
         if row is None:
             raise DashboardError(404, f"no job {request.path_params['id']}")
         return _render(request, "job.html", "jobs", row=row)
@@ -283,13 +308,8 @@ def deliveries(request: Request) -> Response:
     state = request.query_params.get("state", "")
     destination = request.query_params.get("destination", "")[:64]
     with ctx.db.sessions() as session:
-        try:
-            page = queries.deliveries_page(
-                session, state=state, destination=destination, page=request.query_params.get("page")
-            )
-        except ValueError as exc:
-            raise DashboardError(400, f"state {state!r} is not a delivery state") from exc
-        summary = queries.delivery_summary(session)
+        page = _listed(request, session, query.list_deliveries, "delivery", destination=destination)
+        summary = query.delivery_summary(session)
         configured = sorted(_dash(request).settings.destinations)
         return _render(
             request,
@@ -388,7 +408,7 @@ def preview(request: Request) -> Response:
     """The key-image PNG of an output (relative to the data folder, never outside it)."""
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        rel = queries.output_png(session, int(request.path_params["id"]))
+        rel = query.output_png(session, int(request.path_params["id"]))
     if rel is None:
         raise DashboardError(404, "this output has no preview")
     root = ctx.settings.data_dir.resolve()
