@@ -6,7 +6,9 @@ by stage name so that a later stage can take its crops from it. A stage with a
 crop only moves the origin), and its labels are pasted back into the full grid
 where the crop predicted foreground. Stages marked ``final`` write their labels,
 mapped through ``label_map``, into the final label map; later stages overwrite
-earlier ones where they predict foreground.
+earlier ones where they predict foreground. Beside the label map the cascade
+keeps, per voxel of a final label, the probability the network gave the class it
+chose: the segments' mean confidence (a QC figure of the outputs) comes from it.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def run_cascade(
     spacing_zyx: tuple[float, float, float],
     direction: np.ndarray,
     stages: Sequence[tuple[StageSpec, StagePredictor]],
-) -> tuple[np.ndarray, dict[str, float]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Run the stages of a model on one image.
 
     Args:
@@ -115,7 +117,9 @@ def run_cascade(
         stages: each stage's manifest entry with its loaded predictor, in manifest order.
 
     Returns:
-        (final uint8 label map (z, y, x) on the input grid, seconds per stage name).
+        (final uint8 label map (z, y, x) on the input grid, float32 confidence map on the same grid
+        (the chosen class's probability where a final stage wrote a label, 0 elsewhere), seconds
+        per stage name).
 
     Raises:
         PredictionError: a stage crops from a stage that has not run, or the image is
@@ -125,12 +129,13 @@ def run_cascade(
         raise PredictionError(f"image: expected (channels, z, y, x), got shape {image.shape}")
     grid = image.shape[1:]
     final = np.zeros(grid, dtype=np.uint8)
+    confidence = np.zeros(grid, dtype=np.float32)
     raw: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     for spec, predictor in stages:
         t0 = time.perf_counter()
         if spec.crop is None:
-            pred = predictor.predict(image, spacing_zyx, direction)
+            pred, conf = predictor.predict_with_confidence(image, spacing_zyx, direction)
             if pred.shape != grid:
                 raise PredictionError(f"stage {spec.name}: output shape {pred.shape} is not the input grid {grid}")
             raw[spec.name] = pred
@@ -138,6 +143,7 @@ def run_cascade(
                 mapped = map_labels(pred, spec.label_map)
                 fg = mapped > 0
                 final[fg] = mapped[fg]
+                confidence[fg] = conf[fg]
         else:
             source = raw.get(spec.crop.from_stage)
             if source is None:
@@ -160,7 +166,7 @@ def run_cascade(
             full = np.zeros(grid, dtype=np.uint8)
             for box in boxes:
                 sub = np.ascontiguousarray(image[(slice(None), *box)])
-                pred = predictor.predict(sub, spacing_zyx, direction)
+                pred, conf = predictor.predict_with_confidence(sub, spacing_zyx, direction)
                 if pred.shape != sub.shape[1:]:
                     raise PredictionError(
                         f"stage {spec.name}: output shape {pred.shape} is not the crop shape {sub.shape[1:]}"
@@ -171,8 +177,9 @@ def run_cascade(
                     mapped = map_labels(pred, spec.label_map)
                     fgm = mapped > 0
                     final[box][fgm] = mapped[fgm]
+                    confidence[box][fgm] = conf[fgm]
             raw[spec.name] = full
             logger.debug("stage %s: %d crop(s) %s", spec.name, len(boxes), boxes)
         timings[spec.name] = time.perf_counter() - t0
         logger.info("stage %s done in %.2f s", spec.name, timings[spec.name])
-    return final, timings
+    return final, confidence, timings

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inference.codes import CODES
 from inference.errors import ModelPackageError
 
 MANIFEST_NAME = "model.yaml"
@@ -28,11 +29,22 @@ class _Frozen(BaseModel):
 
 
 class Code(_Frozen):
-    """A coded concept (SNOMED CT by default)."""
+    """A coded concept (SNOMED CT by default), given inline or as a key of :data:`inference.codes.CODES`."""
 
     value: str
     meaning: str
     scheme: str = "SCT"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_key(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            entry = CODES.get(v)
+            if entry is None:
+                known = ", ".join(sorted(CODES))
+                raise ValueError(f"unknown concept {v!r}; known: {known} (or give value, meaning and scheme)")
+            return {"value": entry.value, "meaning": entry.meaning, "scheme": entry.scheme}
+        return v
 
 
 class LabelSpec(_Frozen):
@@ -60,6 +72,57 @@ class LabelSpec(_Frozen):
         if any(c < 0 or c > 255 for c in v):
             raise ValueError("colour components must be 0-255")
         return v
+
+
+class SegmentSpec(_Frozen):
+    """One output segment: what the SEG draws, the SR measures and the key image shows.
+
+    A segment is the union of ``labels`` of the final label map; with ``side_of``
+    only the voxels of the organs on the segment's ``laterality`` side (connected
+    components of the ``side_of`` labels, sided in patient coordinates) count.
+    Segments may overlap (a whole kidney contains its parenchyma): a BINARY SEG
+    carries that; a LABELMAP SEG paints segments in ascending number, so a later
+    (finer) segment shows over an earlier one. Every reported number of a segment
+    is measured on exactly these voxels.
+    """
+
+    name: str
+    labels: tuple[int, ...]
+    category: Code = Code(value="91723000", meaning="Anatomical Structure")
+    type: Code
+    modifier: Code | None = None
+    laterality: Literal["left", "right"] | None = None
+    #: restrict to the organs (components of these labels) on the laterality side
+    side_of: tuple[int, ...] = ()
+    #: anatomic location (SEG anatomic region, SR finding site); None: the type is the anatomy
+    anatomy: Code | None = None
+    color: tuple[int, int, int] = (255, 0, 0)
+    measure_mean_of: tuple[str, ...] = ()
+    mean_unit: str | None = None
+    count_components: bool = False
+    #: False: the model card does not validate this output; left out of what goes to the PACS by default
+    validated: bool = True
+    #: plausible volume range in mL (outside it, or empty when min > 0, the result is flagged for QC)
+    plausible_ml: tuple[float, float] | None = None
+    #: labels that join the segment where they touch it (26-connected): a sinus label grows into its kidney
+    grow_into: tuple[int, ...] = ()
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError("colour components must be 0-255")
+        return v
+
+    @model_validator(mode="after")
+    def _sided(self) -> SegmentSpec:
+        if self.side_of and self.laterality is None:
+            raise ValueError(f"segment {self.name!r}: side_of needs a laterality (left or right)")
+        if not self.labels:
+            raise ValueError(f"segment {self.name!r}: labels: at least one label value")
+        if self.plausible_ml is not None and self.plausible_ml[0] > self.plausible_ml[1]:
+            raise ValueError(f"segment {self.name!r}: plausible_ml: the minimum exceeds the maximum")
+        return self
 
 
 class InputChannel(_Frozen):
@@ -179,6 +242,8 @@ class Manifest(_Frozen):
     inputs: tuple[InputChannel, ...]
     reference: str
     labels: dict[int, LabelSpec]
+    #: output segments; absent: one per label (a label with volume_includes grows into the connected ones)
+    segments: tuple[SegmentSpec, ...] = ()
     stages: tuple[StageSpec, ...]
     postprocess: PostProcess = PostProcess()
     #: the pipeline may use a GPU when present
@@ -211,7 +276,41 @@ class Manifest(_Frozen):
             for role in spec.measure_mean_of:
                 if role not in roles:
                     raise ValueError(f"labels.{label}.measure_mean_of: {role!r} is not an input role")
+        for k, seg in enumerate(self.segments):
+            for value in (*seg.labels, *seg.side_of, *seg.grow_into):
+                if value not in self.labels:
+                    raise ValueError(f"segments[{k}] ({seg.name}): label {value} is not declared under labels")
+            for role in seg.measure_mean_of:
+                if role not in roles:
+                    raise ValueError(f"segments[{k}] ({seg.name}).measure_mean_of: {role!r} is not an input role")
         return self
+
+    @property
+    def output_segments(self) -> tuple[SegmentSpec, ...]:
+        """The segments the outputs carry, numbered 1..N in this order.
+
+        Without ``segments`` in the manifest: one per label in ascending label value,
+        with the label's own codes; a label with ``volume_includes`` (a kidney's sinus
+        label with parenchyma and tumour) becomes the whole organ.
+        """
+        if self.segments:
+            return self.segments
+        return tuple(
+            SegmentSpec(
+                name=spec.name,
+                labels=(value,),
+                category=spec.category,
+                type=spec.type,
+                modifier=spec.modifier,
+                laterality=spec.laterality,
+                color=spec.color,
+                measure_mean_of=spec.measure_mean_of,
+                mean_unit=spec.mean_unit,
+                count_components=spec.count_components,
+                grow_into=spec.volume_includes,
+            )
+            for value, spec in sorted(self.labels.items())
+        )
 
     @property
     def channel_roles(self) -> list[str]:

@@ -9,9 +9,11 @@ device) and then runs case after case:
 2. predict: the stages (one, or a cascade of localise-then-segment), on the GPU
    when allowed and present, falling back to the CPU when the GPU runs out of memory;
 3. post-process (small components, largest components, left/right from patient
-   coordinates);
-4. measure: volume per label from voxel counts on the source grid, mean input
-   values inside labels where the manifest asks, lesion counts.
+   coordinates, a single organ placed by the body midline);
+4. segments (:mod:`inference.segments`): the manifest's output segments as masks,
+   overlapping where the anatomy does (a kidney contains its parenchyma);
+5. measure each segment on its own voxels: volume, mean input values, lesions
+   (volume, centroid, slices), mean network confidence, plausibility (QC).
 
 The label volume stays on the reference series' own grid and slice order, with
 its slice -> SOP Instance UID map, so that SEG frames reference the right images.
@@ -34,7 +36,8 @@ from inference.backends import StagePredictor
 from inference.cascade import run_cascade
 from inference.errors import InferenceError, ModelPackageError
 from inference.manifest import Manifest, ModelPackage, NativeBackend, NnUNetBackend, StageSpec
-from inference.postprocess import apply_postprocess, component_volumes_ml, mean_inside, organ_mask
+from inference.postprocess import apply_postprocess
+from inference.segments import Segment, body_midline_x, build_segments, measure_segments
 from inference.volume import Volume, resample_to, select_b_value, volume_from_datasets
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class SegmentationResult:
     timings: dict[str, float]
     model: dict[str, Any]
     channels: dict[str, Volume] = field(default_factory=dict, repr=False)
+    #: the output segments (numbered 1..N), on the labels' grid; every metric is measured on them
+    segments: list[Segment] = field(default_factory=list, repr=False)
 
     def save_labels(self, path: str | Path) -> Path:
         """Write the label volume (uint8, source geometry) as NIfTI or NRRD by suffix."""
@@ -206,7 +211,7 @@ class ModelRunner:
         return build_inputs(self.manifest, inputs)
 
     # -- prediction ------------------------------------------------------------------
-    def _predict(self, image: np.ndarray, ref: Volume) -> tuple[np.ndarray, dict[str, float]]:
+    def _predict(self, image: np.ndarray, ref: Volume) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         spacing_zyx = (ref.spacing[2], ref.spacing[1], ref.spacing[0])
         try:
             return run_cascade(image, spacing_zyx, ref.direction, self.stages)
@@ -234,47 +239,25 @@ class ModelRunner:
 
         t = time.perf_counter()
         with torch.inference_mode():
-            labels, per_stage = self._predict(image, ref)
+            labels, confidence, per_stage = self._predict(image, ref)
         timings["predict"] = time.perf_counter() - t
         timings.update({f"stage_{k}": v for k, v in per_stage.items()})
 
         t = time.perf_counter()
         spacing_zyx = (ref.spacing[2], ref.spacing[1], ref.spacing[0])
+        midline = body_midline_x(ref)
         labels = apply_postprocess(
-            labels, self.manifest.postprocess, spacing_zyx=spacing_zyx, index_to_lps=ref.index_to_lps
+            labels, self.manifest.postprocess, spacing_zyx=spacing_zyx, index_to_lps=ref.index_to_lps, midline_x=midline
         ).astype(np.uint8)
         label_volume = ref.with_array(labels)
-        metrics = self.measure(label_volume, volumes)
+        segments = build_segments(label_volume, self.manifest, midline_x=midline)
+        metrics = measure_segments(segments, label_volume, volumes, confidence=confidence, midline_x=midline)
         timings["postprocess"] = time.perf_counter() - t
         return SegmentationResult(
             labels=label_volume,
             metrics=metrics,
             timings={k: round(v, 3) for k, v in timings.items()},
             model=self.model_info,
+            segments=segments,
             channels=volumes,
         )
-
-    def measure(self, labels: Volume, volumes: Mapping[str, Volume]) -> dict[str, Any]:
-        """Volumes (mL from voxel counts), means inside labels, lesion counts."""
-        voxel_ml = labels.voxel_volume_ml
-        counts = np.bincount(labels.array.ravel(), minlength=max(self.manifest.labels) + 1)
-        out: dict[str, Any] = {"voxel_volume_ml": voxel_ml, "labels": {}}
-        for value, spec in sorted(self.manifest.labels.items()):
-            n = int(counts[value]) if value < len(counts) else 0
-            if spec.volume_includes:
-                n = int(organ_mask(labels.array, value, spec.volume_includes).sum())
-            entry: dict[str, Any] = {"name": spec.name, "voxels": n, "volume_ml": round(n * voxel_ml, 6)}
-            if spec.laterality:
-                entry["laterality"] = spec.laterality
-            if spec.measure_mean_of:
-                entry["mean"] = {}
-                for role in spec.measure_mean_of:
-                    vol = volumes.get(role)
-                    entry["mean"][role] = None if vol is None else mean_inside(labels.array, value, vol.array)
-                entry["mean_unit"] = spec.mean_unit
-            if spec.count_components:
-                comps = component_volumes_ml(labels.array, value, voxel_ml)
-                entry["count"] = len(comps)
-                entry["components_ml"] = [round(c, 6) for c in comps]
-            out["labels"][str(value)] = entry
-        return out

@@ -89,6 +89,7 @@ def split_left_right(
     *,
     index_to_lps: IndexToLps,
     with_labels: Sequence[int] = (),
+    midline_x: float | None = None,
 ) -> np.ndarray:
     """A copy of ``labels`` with each component of ``label`` relabelled as left or right.
 
@@ -98,12 +99,18 @@ def split_left_right(
 
     A component is the patient's LEFT when its centroid's patient x (LPS: +x is the
     patient's left) is greater than the midline, else RIGHT. The midline is the
-    mean x of all components' centroids when there are two or more, else the x of
-    the image centre. A centroid exactly on the midline counts as right.
+    mean x of all components' centroids when there are two or more, else
+    ``midline_x``, the body midline in patient coordinates
+    (:func:`inference.segments.body_midline_x`); never the centre of the array.
+    A centroid exactly on the midline counts as right.
 
     Args:
         index_to_lps: (N, 3) indices in ``(x, y, z)`` order -> (N, 3) LPS mm
             (``Volume.index_to_lps``).
+        midline_x: the body midline (LPS x, mm) for a single component.
+
+    Raises:
+        ValueError: a single component and no ``midline_x``.
     """
     out = np.array(labels, copy=True)
     if with_labels:
@@ -128,9 +135,12 @@ def split_left_right(
     x = np.asarray(index_to_lps(centroids.reshape(count, 3)[:, ::-1]), dtype=np.float64).reshape(count, 3)[:, 0]
     if count >= 2:
         midline = float(x.mean())
+    elif midline_x is not None:
+        midline = float(midline_x)
     else:
-        centre = (np.asarray(labels.shape[::-1], dtype=np.float64) - 1) / 2
-        midline = float(np.asarray(index_to_lps(centre[None]), dtype=np.float64).reshape(-1, 3)[0, 0])
+        raise ValueError(
+            f"label {label}: one component and no body midline: cannot tell left from right in patient coordinates"
+        )
     value = np.zeros(count + 1, dtype=out.dtype)
     value[1:] = np.where(x > midline, left_value, right_value)
     mask = comp > 0
@@ -191,9 +201,11 @@ def apply_postprocess(
     *,
     spacing_zyx: Sequence[float],
     index_to_lps: IndexToLps,
+    midline_x: float | None = None,
 ) -> np.ndarray:
     """Apply a manifest's post-processing: small components dropped, then the largest
-    kept, then left/right split (so that a dropped fragment cannot move the midline).
+    kept, then left/right split (so that a dropped fragment cannot move the midline;
+    ``midline_x``, the body midline, places a single organ).
     """
     voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
     out = labels
@@ -203,6 +215,12 @@ def apply_postprocess(
         out = keep_largest_components(out, label, n)
     for label, (left, right) in spec.split_laterality.items():
         out = split_left_right(
-            out, label, left, right, index_to_lps=index_to_lps, with_labels=spec.laterality_with.get(label, ())
+            out,
+            label,
+            left,
+            right,
+            index_to_lps=index_to_lps,
+            with_labels=spec.laterality_with.get(label, ()),
+            midline_x=midline_x,
         )
     return out if out is not labels else np.array(labels, copy=True)

@@ -112,18 +112,71 @@ class ModelRecipe:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _label(name: str, type_: tuple[str, str], color: tuple[int, int, int], **extra: Any) -> dict[str, Any]:
+def _label(name: str, type_: str | tuple[str, str], color: tuple[int, int, int], **extra: Any) -> dict[str, Any]:
     category = extra.pop("category", ("91723000", "Anatomical Structure"))
     return {
         "name": name,
         "category": {"value": category[0], "meaning": category[1]},
-        "type": {"value": type_[0], "meaning": type_[1]},
+        "type": type_ if isinstance(type_, str) else {"value": type_[0], "meaning": type_[1]},
         "color": list(color),
         **extra,
     }
 
 
 _ABNORMAL = ("49755003", "Morphologically Abnormal Structure")
+
+
+def _segment(name: str, labels: list[int], type_: str, color: tuple[int, int, int], **extra: Any) -> dict[str, Any]:
+    """An output segment of a manifest (inference.manifest.SegmentSpec); codes by key of inference.codes.CODES."""
+    return {"name": name, "labels": labels, "type": type_, "color": list(color), **extra}
+
+
+_KIDNEY_LABELS = [1, 2, 3, 4]
+#: whole kidneys and their parts per side: what a radiologist reads, every figure measured on its own segment.
+#: The tumour label is not validated (phantom Dice about 0.1, see the model card): it is drawn and measured
+#: only where a route asks for unvalidated outputs.
+_KIDNEY_SEGMENTS: list[dict[str, Any]] = [
+    *(
+        _segment(
+            f"{side.capitalize()} kidney",
+            _KIDNEY_LABELS,
+            "kidney",
+            color,
+            laterality=side,
+            side_of=_KIDNEY_LABELS,
+            plausible_ml=[50.0, 400.0],
+        )
+        for side, color in (("right", (80, 140, 255)), ("left", (80, 200, 255)))
+    ),
+    *(
+        _segment(
+            f"{side.capitalize()} renal parenchyma",
+            [3],
+            "parenchyma",
+            color,
+            laterality=side,
+            side_of=_KIDNEY_LABELS,
+            anatomy="kidney",
+            plausible_ml=[30.0, 300.0],
+        )
+        for side, color in (("right", (60, 220, 90)), ("left", (140, 230, 60)))
+    ),
+    *(
+        _segment(
+            f"{side.capitalize()} renal tumour",
+            [4],
+            "neoplasm",
+            color,
+            category="morphologically_abnormal_structure",
+            laterality=side,
+            side_of=_KIDNEY_LABELS,
+            anatomy="kidney",
+            count_components=True,
+            validated=False,
+        )
+        for side, color in (("right", (255, 60, 60)), ("left", (255, 120, 60)))
+    ),
+]
 
 _KIDNEY_MANIFEST: dict[str, Any] = {
     "version": "1.0.0",
@@ -134,9 +187,10 @@ _KIDNEY_MANIFEST: dict[str, Any] = {
     "labels": {
         1: _label("Right kidney", ("64033007", "Kidney"), (80, 140, 255), laterality="right", volume_includes=[3, 4]),
         2: _label("Left kidney", ("64033007", "Kidney"), (80, 200, 255), laterality="left", volume_includes=[3, 4]),
-        3: _label("Renal parenchyma", ("91772007", "Organ parenchyma"), (60, 220, 90)),
+        3: _label("Renal parenchyma", "parenchyma", (60, 220, 90)),
         4: _label("Renal tumour", ("108369006", "Neoplasm"), (255, 60, 60), category=_ABNORMAL, count_components=True),
     },
+    "segments": _KIDNEY_SEGMENTS,
     "postprocess": {
         "min_size_mm3": {1: 500.0, 3: 500.0, 4: 50.0},
         "split_laterality": {1: [2, 1]},
@@ -194,6 +248,19 @@ RECIPES: dict[str, ModelRecipe] = {
                     mean_unit="um2/s",
                 )
             },
+            "segments": [
+                _segment(
+                    "Stroke lesion",
+                    [1],
+                    "infarct",
+                    (255, 64, 64),
+                    category="morphologically_abnormal_structure",
+                    anatomy="brain",
+                    count_components=True,
+                    measure_mean_of=["adc"],
+                    mean_unit="um2/s",
+                )
+            ],
             "postprocess": {"min_size_mm3": {1: 20.0}},
         },
         stages=(
@@ -227,7 +294,7 @@ RECIPES: dict[str, ModelRecipe] = {
             "labels": {
                 1: _label(
                     "Left dentate nucleus",
-                    ("113305005", "Cerebellum"),
+                    "dentate_nucleus",
                     (255, 200, 0),
                     laterality="left",
                     measure_mean_of=["qsm"],
@@ -235,13 +302,26 @@ RECIPES: dict[str, ModelRecipe] = {
                 ),
                 2: _label(
                     "Right dentate nucleus",
-                    ("113305005", "Cerebellum"),
+                    "dentate_nucleus",
                     (0, 200, 255),
                     laterality="right",
                     measure_mean_of=["qsm"],
                     mean_unit="[ppb]",
                 ),
             },
+            "segments": [
+                _segment(
+                    f"{side.capitalize()} dentate nucleus",
+                    [value],
+                    "dentate_nucleus",
+                    color,
+                    laterality=side,
+                    measure_mean_of=["qsm"],
+                    mean_unit="[ppb]",
+                    plausible_ml=[0.2, 3.0],
+                )
+                for value, side, color in ((1, "left", (255, 200, 0)), (2, "right", (0, 200, 255)))
+            ],
             "postprocess": {"keep_largest": {1: 2}, "split_laterality": {1: [1, 2]}},
         },
         stages=(

@@ -67,8 +67,7 @@ LAZY_BY_INTENT: dict[tuple[str, str], str] = {
     ("pacs_node.app.demo", "pacs_lab.tasks"): "torch and phantoms load when the demo runs",
     ("pacs_node.app.demo", "inference.manifest"): "read when the demo runs",
     ("pacs_node.app.demo", "inference.pipeline"): "torch loads when the demo runs",
-    ("pacs_node.app.demo", "inference.postprocess"): "torch loads when the demo runs",
-    ("pacs_node.app.demo", "inference.outputs.seg"): "highdicom loads when the demo runs",
+    ("pacs_node.app.demo", "inference.segments"): "read when the demo runs",
     ("pacs_node.web.dashboard.views", "inference.manifest"): "the models page alone reads model packages",
     ("pacs_node.web.dashboard.views", "inference.errors"): "beside inference.manifest",
     # heavy optional backends, chosen by the model package

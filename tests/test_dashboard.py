@@ -115,7 +115,7 @@ def test_dashboard_follows_a_study_from_c_store_to_delivered(
         job = s.scalars(select(Job)).one()
         assert job.state is JobState.DONE
         metrics, study_uid = job.metrics or {}, job.study.study_uid
-    volumes = {e["name"]: e["volume_ml"] for e in metrics["labels"].values()}
+    volumes = {e["name"]: e["volume_ml"] for e in metrics["segments"].values()}
     row_text = done_row.inner_text()
     for name, ml in volumes.items():
         assert f"{name} {ml:.2f} mL" in row_text, f"{name} {ml:.2f} mL not in {row_text!r}"

@@ -59,14 +59,15 @@ def test_results_reach_dimse_peers_once_each_with_their_seg_type(
     outs = env.outputs()
     by_kind = {o.kind: o for o in outs.values()}
     assert env.sop_uids("pacs") == {by_kind[k].sop_uid for k in (OutputKind.SEG, OutputKind.SR, OutputKind.KEY_IMAGE)}
+    # a LABELMAP destination also gets the BINARY SEG, which the SR references
     assert env.sop_uids("viewer") == {
-        by_kind[k].sop_uid for k in (OutputKind.SEG_LABELMAP, OutputKind.SR, OutputKind.KEY_IMAGE)
+        by_kind[k].sop_uid for k in (OutputKind.SEG_LABELMAP, OutputKind.SEG, OutputKind.SR, OutputKind.KEY_IMAGE)
     }
-    assert env.states() == {"pending": 6}
+    assert env.states() == {"pending": 7}
 
     dispatcher = Dispatcher(env.settings, env.db, env.store, worker_id="test")
-    assert dispatcher.run_once() == 6
-    assert env.states() == {"delivered": 6}
+    assert dispatcher.run_once() == 7
+    assert env.states() == {"delivered": 7}
     for scp, name in ((binary, "pacs"), (labelmap, "viewer")):
         assert scp.uids == env.sop_uids(name)
         assert set(scp.requests.values()) == {1}

@@ -54,7 +54,7 @@ def test_left_label_lands_on_the_patients_left(
         assert len(idx), f"label {value} missing in {orientation}"
         x = labels.index_to_lps(idx[:, ::-1].astype(float))[:, 0]
         assert np.all(np.sign(x) == sign), f"label {value} ({'left' if sign > 0 else 'right'}) crosses the midline"
-    m = result.metrics["labels"]
+    m = result.metrics["segments"]
     assert m["1"]["name"] == "Left sphere" and m["1"]["laterality"] == "left"
     assert m["1"]["volume_ml"] == pytest.approx(LEFT_ML, rel=0.3)
     assert m["2"]["volume_ml"] == pytest.approx(RIGHT_ML, rel=0.4)
@@ -75,8 +75,8 @@ def test_labels_live_on_the_source_grid_with_the_slice_to_sop_map(runner: ModelR
         assert np.allclose(result.labels.index_to_lps(np.array([0.0, 0.0, float(k)])), ds.ImagePositionPatient)
     # volumes from voxel counts on the source grid
     voxels = int((result.labels.array == 1).sum())
-    assert result.metrics["labels"]["1"]["volume_ml"] == pytest.approx(voxels * source.voxel_volume_ml)
-    assert result.metrics["labels"]["1"]["mean"]["image"] == pytest.approx(110.0, abs=15)
+    assert result.metrics["segments"]["1"]["volume_ml"] == pytest.approx(voxels * source.voxel_volume_ml)
+    assert result.metrics["segments"]["1"]["mean"]["image"] == pytest.approx(110.0, abs=15)
     assert set(result.timings) >= {"preprocess", "predict", "postprocess"}
     assert result.model["name"] == "test-spheres" and result.model["checksums"]
 

@@ -125,11 +125,18 @@ def test_split_left_right_by_patient_x(name: str, direction: np.ndarray, left_bo
     assert (out[left_box] == LEFT).all(), name
     assert (out[right_box] == RIGHT).all(), name
     assert out[0, 0, 0] == 4 and not (out == 1).any()
-    # one component: compared with the image centre
+    # one component: compared with the body midline in patient coordinates, never the array's centre
+    centre = (np.asarray(SHAPE[::-1], dtype=np.float64) - 1) / 2
+    centre_x = float(to_lps(centre[None])[0, 0])
     single = _blobs(SHAPE, (left_box, 1))
-    assert (split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps)[left_box] == LEFT).all()
+    assert (split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps, midline_x=centre_x)[left_box] == LEFT).all()
+    # the same component in a patient whose midline lies further left (an off-centre body): the right side
+    far_left = centre_x + 1000.0
+    assert (split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps, midline_x=far_left)[left_box] == RIGHT).all()
     single = _blobs(SHAPE, (right_box, 1))
-    assert (split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps)[right_box] == RIGHT).all()
+    assert (split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps, midline_x=centre_x)[right_box] == RIGHT).all()
+    with pytest.raises(ValueError, match="no body midline"):
+        split_left_right(single, 1, LEFT, RIGHT, index_to_lps=to_lps)
 
 
 def test_split_left_right_with_volume_index_to_lps() -> None:
@@ -244,7 +251,7 @@ def test_cascade_paste_back_and_label_map() -> None:
         (_stage("kidneys", {1: 1}), s1),
         (_stage("parenchyma", {1: 5, 2: 6}, {"from_stage": "kidneys", "labels": [1], "margin_mm": 3.0}), s2),
     ]
-    labels, timings = run_cascade(image, SPACING, direction, stages)
+    labels, confidence, timings = run_cascade(image, SPACING, direction, stages)
     assert labels.dtype == np.uint8 and labels.shape == (30, 40, 50)
     assert set(timings) == {"kidneys", "parenchyma"} and all(t >= 0 for t in timings.values())
     # stage 2 saw each crop with spacing and direction unchanged
@@ -259,6 +266,8 @@ def test_cascade_paste_back_and_label_map() -> None:
         expected[z + 1, y + 1, x + 1] = 6  # stage 2 label 2 -> 6, at crop (1, 1, 1)
         # crop (0, 0, 0) predicted 3, unmapped: dropped, nothing written
     np.testing.assert_array_equal(labels, expected)
+    # one-hot fakes are certain: confidence 1 wherever a final label was written, 0 elsewhere
+    np.testing.assert_array_equal(confidence, (expected > 0).astype(np.float32))
 
 
 def test_cascade_localiser_not_final_and_empty_crop() -> None:
@@ -268,14 +277,14 @@ def test_cascade_localiser_not_final_and_empty_crop() -> None:
         (_stage("locate", {1: 1}, final=False), FakeStage(_coarse, 2)),
         (_stage("fine", {1: 5}, {"from_stage": "locate", "labels": [1], "margin_mm": 0.0, "per_component": False}), s2),
     ]
-    labels, _ = run_cascade(image, SPACING, np.eye(3), stages)
+    labels, _, _ = run_cascade(image, SPACING, np.eye(3), stages)
     assert [c[0] for c in s2.calls] == [(1, 5, 10, 40)]
     assert set(np.unique(labels)) == {0, 5}
     assert (labels[CORE_A] == 5).all() and (labels[CORE_B] == 5).all()
 
     empty = np.zeros_like(image)
     s2.calls.clear()
-    labels, timings = run_cascade(empty, SPACING, np.eye(3), stages)
+    labels, confidence, timings = run_cascade(empty, SPACING, np.eye(3), stages)
     assert not labels.any() and s2.calls == [] and set(timings) == {"locate", "fine"}
 
 

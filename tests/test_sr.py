@@ -2,7 +2,7 @@
 
 The SEG is built here with highdicom directly (segments 1..N in ascending label
 value, the convention of ``inference.outputs.seg``), on a small synthetic MR
-series; the metrics come from the real ``ModelRunner.measure``.
+series; the metrics come from the real ``inference.segments.measure_segments``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from inference.outputs.common import DEMO_WARNING, MANUFACTURER, ResultIdentity,
 from inference.outputs.notice import build_not_processed_notice
 from inference.outputs.seg import segment_numbers
 from inference.outputs.sr import ReportError, build_sr, volumes_from_sr
-from inference.pipeline import ModelRunner
+from inference.segments import build_segments, measure_segments
 from inference.volume import Volume, volume_from_datasets
 from pacs_lab.synthetic import make_series
 from tests.conftest import dciodvfy
@@ -184,7 +184,7 @@ def _case(
     sources = _sources(patient_name, charset)
     image = volume_from_datasets(sources)
     labels = image.with_array(_labels(image.shape))
-    metrics = ModelRunner.measure(SimpleNamespace(manifest=manifest), labels, {"qsm": image})  # type: ignore[arg-type]
+    metrics = measure_segments(build_segments(labels, manifest, midline_x=None), labels, {"qsm": image})
     identity = ResultIdentity.of([ds.SOPInstanceUID for ds in sources], PIPELINE, manifest.name, manifest.version)
     seg = _seg(sources, labels, manifest)
     sr = build_sr(seg, sources, metrics, manifest, identity, pipeline=PIPELINE, node_version="0.9.0")
@@ -205,8 +205,15 @@ def _groups(read: Any) -> list[Any]:
     return list(read.content.get_volumetric_roi_measurement_groups())
 
 
-def _segment_number(group: Any) -> int:
+def _segment_number(group: Any) -> int | None:
+    """The segment a group references; None for a lesion's group (located by a point instead)."""
+    if group.referenced_segment is None:
+        return None
     return int(group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+
+
+def _lesion_groups(read: Any) -> list[Any]:
+    return [g for g in _groups(read) if g.referenced_segment is None]
 
 
 def _dciodvfy(ds: Dataset, tmp_path: Path, name: str) -> None:
@@ -273,6 +280,8 @@ def test_every_segment_has_its_group_with_the_seg_volume(case: Case) -> None:
     # the segment-level groups reference the SEG and the source series
     for group in _groups(case.read):
         ref = group.referenced_segment
+        if ref is None:  # a lesion's own group: located by its centroid (see below)
+            continue
         assert ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == case.seg.SOPInstanceUID
         assert ref[1].value == case.sources[0].SeriesInstanceUID
     # volumes_from_sr also reads a plain pydicom dataset
@@ -300,20 +309,31 @@ def test_laterality_and_means(case: Case) -> None:
     (mean,) = left.get_measurements(name=SUSCEPTIBILITY)
     assert mean.derivation == MEAN
     assert mean.unit.value == "[ppb]"
-    assert mean.value == pytest.approx(case.metrics["labels"]["1"]["mean"]["qsm"], rel=1e-6)
+    assert mean.value == pytest.approx(case.metrics["segments"]["1"]["mean"]["qsm"], rel=1e-6)
     assert lesion.get_measurements(name=SUSCEPTIBILITY) == []
 
 
 def test_lesion_count_and_per_lesion_volumes(case: Case) -> None:
-    groups = [g for g in _groups(case.read) if _segment_number(g) == 3]
-    whole, *lesions = groups
+    (whole,) = [g for g in _groups(case.read) if _segment_number(g) == 3]
+    lesions = _lesion_groups(case.read)
     (count,) = whole.get_measurements(name=NUMBER_OF_LESIONS)
     assert count.value == 2
-    assert [g.tracking_identifier for g in lesions] == ["lesion 1", "lesion 2"]
+    # each lesion is named with its slices (1-based, the source series' order): z 4-5 and z 5 of _labels
+    assert [g.tracking_identifier for g in lesions] == ["lesion lesion 1, slices 5-6", "lesion lesion 2, slices 6-6"]
     voxel_ml = case.labels.voxel_volume_ml
     got = [g.get_measurements(name=VOLUME)[0].value for g in lesions]
     assert got == pytest.approx([18 * voxel_ml, 4 * voxel_ml], rel=1e-6)
-    assert len({g.tracking_uid for g in groups}) == 3
+    assert len({g.tracking_uid for g in [whole, *lesions]}) == 3
+    # each lesion is located by its centroid, a 3D point in the source's frame of reference, inside the lesion
+    expected = [(slice(4, 6), slice(10, 13), slice(2, 5)), (slice(5, 6), slice(13, 15), slice(12, 14))]
+    for group, box in zip(lesions, expected, strict=True):
+        surface = group.roi
+        assert isinstance(surface, hd.sr.VolumeSurface) and surface.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+        assert surface.frame_of_reference_uid == case.sources[0].FrameOfReferenceUID
+        point = np.asarray(surface.graphic_data, dtype=float).reshape(-1, 3)[0]
+        x, y, z = case.labels.lps_to_index(point)
+        centre = [(s.start + s.stop - 1) / 2 for s in box]  # (z, y, x)
+        assert (z, y, x) == pytest.approx(centre, abs=1e-6)
     # the empty kidney label has no lesions and no count
     kidney = [g for g in _groups(case.read) if _segment_number(g) == 4]
     assert len(kidney) == 1
@@ -338,7 +358,7 @@ def test_not_demo_has_plain_series_description() -> None:
     sources = _sources()
     image = volume_from_datasets(sources)
     labels = image.with_array(_labels(image.shape))
-    metrics = ModelRunner.measure(SimpleNamespace(manifest=manifest), labels, {"qsm": image})  # type: ignore[arg-type]
+    metrics = measure_segments(build_segments(labels, manifest, midline_x=None), labels, {"qsm": image})
     identity = ResultIdentity.of([ds.SOPInstanceUID for ds in sources], PIPELINE, manifest.name, manifest.version)
     sr = build_sr(
         _seg(sources, labels, manifest), sources, metrics, manifest, identity, pipeline=PIPELINE, node_version="0.9.0"
@@ -396,8 +416,8 @@ def test_bad_inputs_are_refused(case: Case) -> None:
             pipeline=PIPELINE,
             node_version="0",
         )
-    with pytest.raises(ReportError, match="no entry for label"):
-        metrics = {"labels": {k: v for k, v in case.metrics["labels"].items() if k != "7"}}
+    with pytest.raises(ReportError, match="no entry for segment"):
+        metrics = {"segments": {k: v for k, v in case.metrics["segments"].items() if k != "4"}}
         build_sr(case.seg, case.sources, metrics, case.manifest, case.identity, pipeline=PIPELINE, node_version="0")
     with pytest.raises(ReportError, match="source images"):
         build_sr(case.seg, [], case.metrics, case.manifest, case.identity, pipeline=PIPELINE, node_version="0")

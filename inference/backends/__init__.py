@@ -40,4 +40,15 @@ class StagePredictor(ABC):
 
     def predict(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray) -> np.ndarray:
         """Label map (z, y, x) uint8 on the input grid: argmax of the probabilities."""
-        return np.argmax(self.predict_proba(image, spacing_zyx, direction), axis=0).astype(np.uint8)
+        return self.predict_with_confidence(image, spacing_zyx, direction)[0]
+
+    def predict_with_confidence(
+        self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(label map, confidence): the argmax and, per voxel, the probability of the class chosen (float32)."""
+        proba = self.predict_proba(image, spacing_zyx, direction)
+        return self.labels_from(proba), np.max(proba, axis=0).astype(np.float32)
+
+    def labels_from(self, proba: np.ndarray) -> np.ndarray:
+        """The label map of a probability map (argmax; a backend may post-process it)."""
+        return np.argmax(proba, axis=0).astype(np.uint8)

@@ -597,14 +597,9 @@ class NnUNetStage(StagePredictor):
             proba = orient.backward(proba)
         return np.ascontiguousarray(proba, dtype=np.float32)
 
-    def predict(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], direction: np.ndarray) -> np.ndarray:
-        """Label map (z, y, x) on the input grid: argmax of the averaged probabilities, then the
-        folder's ``postprocessing.pkl`` when it has one (applied as ``nnUNetv2_apply_postprocessing`` does).
-
-        Raises:
-            PredictionError: as :meth:`predict_proba`.
-        """
-        proba = self.predict_proba(image, spacing_zyx, direction)
+    def labels_from(self, proba: np.ndarray) -> np.ndarray:
+        """Argmax of the averaged probabilities, then the folder's ``postprocessing.pkl`` when it has
+        one (applied as ``nnUNetv2_apply_postprocessing`` does)."""
         seg = np.argmax(proba, axis=0).astype(np.uint8 if self.num_classes <= 256 else np.uint16)
         if self._postprocessing is not None:
             from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing

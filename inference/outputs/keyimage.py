@@ -46,6 +46,7 @@ from inference.outputs.common import (
     copy_study_attributes,
     software_versions,
 )
+from inference.segments import Segment, build_segments, display_labels
 from inference.volume import Volume
 
 __all__ = [
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 WIDTH = 1200
 #: Background of the demo banners (white text on it).
 BANNER_COLOR = (190, 20, 20)
+#: Colour of the QC warnings in the legend.
+QC_COLOR = (255, 170, 0)
 #: Colour of labels that the manifest does not list.
 UNLISTED_COLOR = (255, 255, 0)
 #: Soft-tissue window (centre, width) used when the values look like Hounsfield units.
@@ -354,17 +357,18 @@ def _format_unit(unit: str | None) -> str:
 
 
 def _legend_lines(
-    manifest: Manifest, metrics: Mapping[str, Any], label_counts: Mapping[int, int], voxel_ml: float
+    segments: Sequence[Segment], metrics: Mapping[str, Any], voxel_ml: float
 ) -> list[tuple[tuple[int, int, int], str, bool]]:
-    """(colour, text, present) per manifest label, from the metrics (voxel counts as a fallback)."""
-    entries = metrics.get("labels", {}) if isinstance(metrics, Mapping) else {}
+    """(colour, text, present) per output segment, from the metrics (voxel counts as a fallback)."""
+    entries = metrics.get("segments", {}) if isinstance(metrics, Mapping) else {}
     lines = []
-    for value, spec in sorted(manifest.labels.items()):
-        entry = entries.get(str(value)) or entries.get(value) or {}  # type: ignore[call-overload]
+    for seg in segments:
+        spec = seg.spec
+        entry = entries.get(str(seg.number)) or {}
+        voxels = int(entry.get("voxels", int(np.count_nonzero(seg.mask))))
         volume_ml = entry.get("volume_ml")
         if volume_ml is None:
-            volume_ml = label_counts.get(value, 0) * voxel_ml
-        voxels = entry.get("voxels", label_counts.get(value, 0))
+            volume_ml = voxels * voxel_ml
         parts = [f"{entry.get('name', spec.name)}: {_format_ml(float(volume_ml))}"]
         means = entry.get("mean")
         if isinstance(means, Mapping):
@@ -372,14 +376,16 @@ def _legend_lines(
             for role, mean in means.items():
                 if mean is not None:
                     parts.append(f"mean {role} {float(mean):.1f}{' ' + unit if unit else ''}")
-        elif isinstance(means, int | float):
-            unit = _format_unit(entry.get("mean_unit"))
-            parts.append(f"mean {float(means):.1f}{' ' + unit if unit else ''}")
         if entry.get("count") is not None:
             count = int(entry["count"])
-            parts.append(f"{count} lesion{'' if count == 1 else 's'}")
+            parts.append(f"{count} lesion{'' if count == 1 else 's'}" if count else "no lesion detected")
+        if entry.get("confidence") is not None:
+            parts.append(f"confidence {float(entry['confidence']) * 100:.0f}%")
+        qc = entry.get("qc") or {}
+        if qc.get("plausible") is False:
+            parts.append("QC: implausible volume")
         present = bool(voxels) or bool(volume_ml)
-        if not present:
+        if not present and entry.get("count") is None:
             parts.append("not found")
         lines.append((spec.color, ",  ".join(parts), present))
     return lines
@@ -395,21 +401,25 @@ def compose_key_image(
     demo: bool,
     window: tuple[float, float] | None = None,
     width: int = WIDTH,
+    segments: Sequence[Segment] | None = None,
 ) -> KeyImage:
     """Render the key image and describe what it shows.
 
     Args:
         image: The reference series as a volume (what the model segmented).
         labels: The label map on ``image``'s grid (0 = background).
-        manifest: The model's manifest (label names and colours).
-        metrics: ``ModelRunner.measure``'s dict (``labels`` -> value -> name,
-            volume_ml, mean, mean_unit, count); missing volumes are counted from ``labels``.
+        manifest: The model's manifest (segment names and colours).
+        metrics: :func:`inference.segments.measure_segments`'s dict (``segments`` -> number ->
+            name, volume_ml, mean, mean_unit, count, confidence, qc; ``qc`` of the whole result);
+            missing volumes are counted from the segments.
         title: The heading (pipeline, model name and version).
         demo: Draw the "DEMO MODEL - NOT FOR CLINICAL USE" banners.
         window: Display window ``(centre, width)``; default: soft tissue
             (W 400 / L 40) when the values look like Hounsfield units, otherwise
             the 1st-99th percentile of the volume.
         width: Width of the image in pixels (at least 600).
+        segments: The output segments (default: built from ``labels``); drawn with the
+            LABELMAP precedence, a later segment over an earlier one.
 
     Returns:
         A :class:`KeyImage`.
@@ -425,20 +435,14 @@ def compose_key_image(
             f"the label map (shape {labels.shape}) does not lie on the grid of series {image.series_uid or '?'} "
             f"(shape {image.shape}); resample it onto the image grid first"
         )
-    label_array = np.asarray(labels.array)
-    if label_array.dtype == np.bool_:
-        label_array = label_array.astype(np.uint8)
+    if segments is None:
+        segments = build_segments(labels, manifest, midline_x=None)
+    label_array = display_labels(segments, labels.shape)
     chosen, findings = choose_key_slices(label_array, _SLOTS)
     view = _view(image)
     chosen = _display_order(image, chosen, view.plane)
     low_high = _window(image.array, window)
-    colors = {int(v): spec.color for v, spec in manifest.labels.items()}
-    measured = metrics.get("labels", {})
-    if all(str(v) in measured and "voxels" in measured[str(v)] for v in manifest.labels):
-        # the runner counted voxels already; a second pass over a CT costs a noticeable fraction of a second
-        label_counts = {int(v): int(measured[str(v)]["voxels"]) for v in manifest.labels if measured[str(v)]["voxels"]}
-    else:
-        label_counts = {int(v): int(c) for v, c in enumerate(_label_counts(label_array)) if v != 0 and c}
+    colors = {seg.number: seg.spec.color for seg in segments}
 
     fonts = _fonts()
     _, rows, cols = image.shape
@@ -448,12 +452,14 @@ def compose_key_image(
     slot_h = int(min(max(slot_w * phys_h / phys_w, slot_w * 0.5), slot_w * 1.5))
     img_w, img_h = _fit(phys_w, phys_h, slot_w, slot_h)
 
-    legend = _legend_lines(manifest, metrics, label_counts, image.voxel_volume_ml)
+    legend = _legend_lines(segments, metrics, image.voxel_volume_ml)
+    qc = metrics.get("qc") or {} if isinstance(metrics, Mapping) else {}
+    qc_lines = [f"QC: {reason}" for reason in qc.get("reasons", [])] if qc.get("flagged") else []
     banner_h = 40 if demo else 0
     title_h = _line_height(fonts["title"])
     small_h = _line_height(fonts["small"])
     legend_h = _line_height(fonts["legend"]) + 4
-    n_legend = len(legend) + (0 if findings else 1)
+    n_legend = len(legend) + (0 if findings else 1) + len(qc_lines)
     height = (
         banner_h + 10 + title_h + small_h + 8 + slot_h + small_h + 10 + legend_h * n_legend + 6 + small_h + 8 + banner_h
     )
@@ -525,6 +531,9 @@ def compose_key_image(
         y += legend_h
     if not findings:
         draw.text((_MARGIN, y + 1), "No findings: the model labelled no voxel in this series.", font=font, fill=_TEXT)
+        y += legend_h
+    for line in qc_lines:
+        draw.text((_MARGIN, y + 1), line, font=font, fill=QC_COLOR)
         y += legend_h
     y += 6
     draw.text(
@@ -672,10 +681,15 @@ def build_key_image_sc(
     sc.SecondaryCaptureDeviceManufacturerModelName = manifest.name[:64]
     sc.SecondaryCaptureDeviceSoftwareVersions = software_versions(manifest.name, manifest.version, node_version)
     sc.BurnedInAnnotation = "YES"
-    if ref.get("Laterality"):  # Type 2C: the source's, else present and empty (the panels may show both sides)
+    if ref.get("Laterality"):  # Type 2C: the source's when it has one
         sc.Laterality = ref.Laterality
-    elif "Laterality" not in sc:
-        sc.add_new("Laterality", "CS", None)
+    else:
+        # Laterality (Type 2C) is wanted when no Image Laterality says the side; the panels show
+        # both sides of the body (both kidneys, both nuclei, both hemispheres), which Image
+        # Laterality can say ("B") and an empty Laterality cannot
+        if "Laterality" in sc:
+            del sc.Laterality
+        sc.ImageLaterality = str(ref.get("ImageLaterality") or "B")
     description = (
         f"Key image of the {pipeline} segmentation by {manifest.name} {manifest.version}: overlay and legend burned in"
     )

@@ -1,9 +1,16 @@
-"""The DICOM Segmentation (SEG) of a job's label volume, built with highdicom.
+"""The DICOM Segmentation (SEG) of a job's segments, built with highdicom.
 
-One segment per label the model package declares (in ascending label value,
-numbered 1..N, see :func:`segment_numbers`), every one of them described even
-when the model found nothing for it. The mask keeps the source series' own grid
-and slice order: each SEG frame carries the plane position of, and a
+One segment per output segment of the model package
+(:attr:`inference.manifest.Manifest.output_segments`, numbered 1..N in that order;
+without a ``segments`` section, one per label in ascending label value), every one
+of them described even when the model found nothing for it. Segments may overlap
+(a whole kidney contains its parenchyma): the BINARY SEG carries each segment's
+own mask, so a viewer's segment and the SR's volume of it are the same voxels.
+A LABELMAP SEG holds one value per voxel, so it paints segments in ascending
+number and a later (finer) segment shows over an earlier one where they overlap
+(:func:`inference.segments.display_labels`); the SR always measures the full masks.
+
+The masks keep the source series' own grid and slice order: each SEG frame carries the plane position of, and a
 per-frame reference to, the very source instance (or enhanced-instance frame)
 its slice of the label volume came from (DESIGN.md habit 8).
 
@@ -36,7 +43,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from inference.errors import GeometryError, InferenceError
-from inference.manifest import Code, LabelSpec, Manifest
+from inference.manifest import Code, Manifest, SegmentSpec
 from inference.outputs.common import (
     DEMO_WARNING,
     MANUFACTURER,
@@ -44,6 +51,7 @@ from inference.outputs.common import (
     copy_study_attributes,
     software_versions,
 )
+from inference.segments import Segment, build_segments, display_labels
 from inference.volume import Volume, is_multiframe, number_of_frames
 
 __all__ = [
@@ -58,10 +66,7 @@ logger = logging.getLogger(__name__)
 
 #: SNOMED CT qualifiers used as the segmented property type modifier of a label
 #: with a laterality and no explicit modifier.
-LATERALITY_CODES: dict[str, Code] = {
-    "left": Code(value="7771000", meaning="Left", scheme="SCT"),
-    "right": Code(value="24028007", meaning="Right", scheme="SCT"),
-}
+LATERALITY_CODES: dict[str, Code] = {side: Code.model_validate(side) for side in ("left", "right")}
 
 _LO_MAX = 64  # Long String
 _CS_MAX = 16  # Code String
@@ -103,9 +108,8 @@ def _segmentation_type(value: str | SegmentationType | hd.seg.SegmentationTypeVa
 
 
 def segment_numbers(manifest: Manifest) -> dict[int, int]:
-    """Label value -> SEG segment number: the manifest's labels in ascending order, numbered 1..N.
-
-    The SR builder uses the same mapping to reference the segments.
+    """Label value -> SEG segment number for a manifest without a ``segments`` section (one per label,
+    ascending label value, numbered 1..N); with one, segment numbers follow ``segments``' order.
     """
     return {int(value): number for number, value in enumerate(sorted(manifest.labels), start=1)}
 
@@ -138,7 +142,7 @@ def _algorithm(manifest: Manifest) -> hd.AlgorithmIdentificationSequence:
 
 
 def _segment_description(
-    number: int, spec: LabelSpec, algorithm: hd.AlgorithmIdentificationSequence
+    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence
 ) -> hd.seg.SegmentDescription:
     description = hd.seg.SegmentDescription(
         segment_number=number,
@@ -147,13 +151,33 @@ def _segment_description(
         segmented_property_type=_coded(spec.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
+        anatomic_regions=[_coded(spec.anatomy)] if spec.anatomy is not None else None,
         display_color=hd.color.CIELabColor.from_rgb(*spec.color),
     )
-    modifier = spec.modifier or (LATERALITY_CODES[spec.laterality] if spec.laterality else None)
+    laterality = LATERALITY_CODES[spec.laterality] if spec.laterality else None
+    if spec.anatomy is not None and laterality is not None:
+        # the side qualifies the anatomic region (the kidney of a right renal parenchyma)
+        region = description.AnatomicRegionSequence[0]
+        region.AnatomicRegionModifierSequence = [_coded(laterality)]
+        laterality = None
+    modifier = spec.modifier or laterality
     if modifier is not None:
         # Segmented Property Type Modifier Code Sequence lives inside the type's item (PS3.3 C.8.20.4).
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [_coded(modifier)]
     return description
+
+
+def _segment_pixels(segments: Sequence[Segment], kind: SegmentationType, shape: tuple[int, ...]) -> np.ndarray:
+    """What highdicom encodes: segment numbers per voxel (LABELMAP, or BINARY without overlaps),
+    else one boolean mask per segment along a fourth axis (BINARY with overlaps)."""
+    if kind is SegmentationType.LABELMAP or not segments:
+        return display_labels(segments, shape)
+    coverage = np.zeros(shape, dtype=np.uint16)
+    for seg in segments:
+        coverage += seg.mask
+    if int(coverage.max(initial=0)) <= 1:
+        return display_labels(segments, shape)
+    return np.stack([seg.mask for seg in segments], axis=-1)
 
 
 def _segment_array(array: np.ndarray, manifest: Manifest) -> np.ndarray:
@@ -397,8 +421,9 @@ def build_seg(
     seg_type: str | SegmentationType = SegmentationType.BINARY,
     series_number: int = 9001,
     instance_number: int = 1,
+    segments: Sequence[Segment] | None = None,
 ) -> Dataset:
-    """A DICOM SEG of ``labels`` on the grid of the reference series ``sources``.
+    """A DICOM SEG of the output segments of ``labels`` on the grid of the reference series ``sources``.
 
     Args:
         labels: The label volume on the reference series' grid (``Volume.sop_uids``
@@ -416,6 +441,9 @@ def build_seg(
             or highdicom's ``SegmentationTypeValues`` are accepted too).
         series_number: Series Number of the SEG.
         instance_number: Instance Number of the SEG.
+        segments: the output segments (:func:`inference.segments.build_segments`, as the
+            runner made them); default: built from ``labels`` with no body midline (a
+            segment sided by a single organ then cannot be built).
 
     Returns:
         A :class:`highdicom.seg.Segmentation` (a pydicom Dataset) ready to encode.
@@ -444,7 +472,10 @@ def build_seg(
             f"the label volume is in frame of reference {labels.frame_of_reference_uid} but its source series "
             f"{source0.get('SeriesInstanceUID', '?')} in {source_for}; build the labels on the reference series' grid"
         )
-    pixels = _segment_array(labels.array, manifest)
+    _segment_array(labels.array, manifest)  # every value is a declared label
+    if segments is None:
+        segments = build_segments(labels, manifest, midline_x=None)
+    pixels = _segment_pixels(segments, kind, labels.shape)
     on_grid, positions = _geometry_matches(labels, ordered, multiframe)
 
     # Nothing found (no lesion): highdicom would then keep every (segment, slice)
@@ -483,10 +514,7 @@ def build_seg(
         ordered, further, pixels = ordered[:1], ordered[1:], pixels[:1]
 
     algorithm = _algorithm(manifest)
-    numbers = segment_numbers(manifest)
-    descriptions = [
-        _segment_description(numbers[value], manifest.labels[value], algorithm) for value in sorted(numbers)
-    ]
+    descriptions = [_segment_description(seg.number, seg.spec, algorithm) for seg in segments]
     model = f"{manifest.name} {manifest.version}"
     content_description = _lo(f"{DEMO_WARNING}: {model}" if manifest.demo else f"AI segmentation: {model}")
 

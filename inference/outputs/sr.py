@@ -1,23 +1,32 @@
 """The TID 1500 measurement report: a Comprehensive 3D SR referencing the SEG.
 
-One Volumetric ROI group (TID 1411) per manifest label, in ascending label
-order, each referencing its SEG segment (segment numbers 1..N in ascending label
-value, the convention :mod:`inference.outputs.seg` follows) and the source series
-it was segmented on. A group carries:
+One Volumetric ROI group (TID 1411) per output segment, in segment-number order,
+each referencing its SEG segment and the source series it was segmented on. A
+group carries:
 
-* a tracking identifier (the label name) with a deterministic Tracking UID,
-* the finding category and type (the label's segmented property category/type),
-* a finding site with laterality (SNOMED Left / Right) for lateralised labels,
+* a tracking identifier (the segment name) with a deterministic Tracking UID,
+* the finding category and type (the segment's segmented property category/type),
+* finding sites: the segment's anatomy (a kidney for renal parenchyma, the brain
+  for a stroke lesion) with its laterality, or the structure itself with its side;
+  for lesions the side is where the lesions are (left, right, or right and left),
 * the algorithm identification (name, version, family "Artificial Intelligence"),
-* measurements: Volume in mL (SCT 118565006), the mean of each input role named
-  in ``measure_mean_of`` (derivation SCT "Mean"), and for ``count_components``
-  labels the Number of lesions (SCT 246206008).
+* measurements, every one measured on the referenced segment's own voxels
+  (:func:`inference.segments.measure_segments`): Volume in mL (SCT 118565006),
+  the mean of each input role named in ``measure_mean_of`` (derivation SCT
+  "Mean"), the Number of lesions (SCT 246206008) for ``count_components``
+  segments, and the network's mean confidence inside the segment (DCM 111012
+  "Certainty of Finding", in %),
+* qualitative evaluations: "Finding: Absent" (DCM 121071 / SCT 272519000) for a
+  lesion segment with nothing found, and, where the model card gives a plausible
+  volume range, the QC verdict (DCM 111052 "Quality Finding": DCM 111237 "Usable -
+  Meets the quality control standard" or 111236 "Usable - Does not meet ...").
 
-For ``count_components`` labels every connected component also gets a group of
-its own ("lesion 1", "lesion 2", ... with its volume), referencing the same
-segment. Those groups follow the label's own group, so the first group that
-references a segment is always the whole segment (what :func:`volumes_from_sr`
-reads). Labels without voxels still get their group, with volume 0.
+For ``count_components`` segments every lesion also gets a group of its own
+("<segment> lesion k, slices a-b", its volume, its side), located by its
+centroid as an SCOORD3D POINT in the frame of reference of the source series.
+Those groups reference no segment, so the first group that references a segment
+is always the whole segment (what :func:`volumes_from_sr` reads). Segments without
+voxels still get their group, with volume 0.
 
 Demo models say so in the algorithm name, a comment in the report and the
 Series Description.
@@ -30,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
@@ -39,8 +49,9 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from inference.codes import CODES
 from inference.errors import InferenceError
-from inference.manifest import Code, LabelSpec, Manifest
+from inference.manifest import Code, Manifest, SegmentSpec
 from inference.outputs.common import (
     DEMO_WARNING,
     MANUFACTURER,
@@ -49,24 +60,39 @@ from inference.outputs.common import (
     derived_uid,
     software_versions,
 )
-from inference.outputs.seg import LATERALITY_CODES, segment_numbers
+from inference.outputs.seg import LATERALITY_CODES
+from inference.segments import Segment
 
 __all__ = ["DEVICE_NAME", "ReportError", "build_sr", "volumes_from_sr"]
 
 logger = logging.getLogger(__name__)
 
+
+def _table(key: str) -> hd.sr.CodedConcept:
+    """A concept of :data:`inference.codes.CODES` (the one table of the codes the node writes)."""
+    entry = CODES[key]
+    return hd.sr.CodedConcept(entry.value, entry.scheme, entry.meaning)
+
+
 #: Device Observer Name of every report the node writes.
 DEVICE_NAME = MANUFACTURER
 
-_VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
+_VOLUME = _table("volume")
 _MEAN = hd.sr.CodedConcept("373098007", "SCT", "Mean")
-_NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
+_NUMBER_OF_LESIONS = _table("number_of_lesions")
 _ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 _LESIONS = hd.sr.CodedConcept("{lesions}", "UCUM", "lesions")
 _AI = hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 _ANATOMICAL_STRUCTURE = "91723000"
+_CERTAINTY = _table("certainty_of_finding")
+_PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+_FINDING = _table("finding")
+_ABSENT = _table("absent")
+_QUALITY_FINDING = _table("quality_finding")
+_QC_MET = _table("qc_met")
+_QC_NOT_MET = _table("qc_not_met")
 #: Segmentation Storage and Label Map Segmentation Storage (binary/fractional and label map SEGs)
 _SEG_CLASSES = (SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7")
 #: CID 100 Quantitative Diagnostic Imaging Procedures, by source modality.
@@ -114,7 +140,15 @@ def _procedure(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
     return _IMAGING_PROCEDURE
 
 
-def _laterality(spec: LabelSpec) -> hd.sr.CodedConcept | None:
+def _side(side: str | None) -> hd.sr.CodedConcept | None:
+    if side in ("left", "right"):
+        return _concept(LATERALITY_CODES[side])
+    if side == "both":
+        return _concept(Code.model_validate("right_and_left"))
+    return None
+
+
+def _laterality(spec: SegmentSpec) -> hd.sr.CodedConcept | None:
     if spec.laterality is not None:
         return _concept(LATERALITY_CODES[spec.laterality])
     lateral = {c.value for c in LATERALITY_CODES.values()}
@@ -123,8 +157,17 @@ def _laterality(spec: LabelSpec) -> hd.sr.CodedConcept | None:
     return None
 
 
-def _finding_sites(spec: LabelSpec) -> list[hd.sr.FindingSite] | None:
+def _lesion_side(lesions: Sequence[Mapping[str, Any]]) -> str | None:
+    sides = {str(lesion["side"]) for lesion in lesions if lesion.get("side")}
+    return "both" if len(sides) > 1 else (sides.pop() if sides else None)
+
+
+def _finding_sites(spec: SegmentSpec, entry: Mapping[str, Any]) -> list[hd.sr.FindingSite] | None:
     laterality = _laterality(spec)
+    if laterality is None and spec.count_components:
+        laterality = _side(_lesion_side(entry.get("lesions") or []))
+    if spec.anatomy is not None:
+        return [hd.sr.FindingSite(anatomic_location=_concept(spec.anatomy), laterality=laterality)]
     if laterality is None and spec.category.value != _ANATOMICAL_STRUCTURE:
         return None
     return [hd.sr.FindingSite(anatomic_location=_concept(spec.type), laterality=laterality)]
@@ -136,7 +179,19 @@ def _source_series_uid(seg: Dataset, sources: Sequence[Dataset]) -> str:
     return str(sources[0].SeriesInstanceUID)
 
 
-def _check_inputs(seg: Dataset, sources: Sequence[Dataset], metrics: Mapping[str, Any], manifest: Manifest) -> None:
+def _numbered(manifest: Manifest, segments: Sequence[Segment] | None) -> list[tuple[int, SegmentSpec]]:
+    if segments is None:
+        return list(enumerate(manifest.output_segments, start=1))
+    return [(seg.number, seg.spec) for seg in segments]
+
+
+def _check_inputs(
+    seg: Dataset,
+    sources: Sequence[Dataset],
+    metrics: Mapping[str, Any],
+    manifest: Manifest,
+    numbered: Sequence[tuple[int, SegmentSpec]],
+) -> None:
     if not sources:
         raise ReportError("build_sr needs the source images the segmentation was made on; none were given")
     if seg.get("SOPClassUID") not in _SEG_CLASSES:
@@ -150,20 +205,24 @@ def _check_inputs(seg: Dataset, sources: Sequence[Dataset], metrics: Mapping[str
             f"SEG {seg.SOPInstanceUID} belongs to study {seg.StudyInstanceUID}, the sources to {study}; "
             "an SR can only report on a SEG of the same study"
         )
-    present = {int(item.SegmentNumber) for item in seg.get("SegmentSequence", [])}
-    wanted = segment_numbers(manifest)
-    missing = sorted(f"{manifest.labels[v].name} (segment {n})" for v, n in wanted.items() if n not in present)
+    present = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.get("SegmentSequence", [])}
+    missing = [f"{spec.name} (segment {n})" for n, spec in numbered if n not in present]
     if missing:
         raise ReportError(
             f"SEG {seg.SOPInstanceUID} has no segment for {', '.join(missing)}; the SEG must list every "
-            f"label of model {manifest.name} (empty ones included), numbered 1..N in ascending label value"
+            f"output segment of model {manifest.name} (empty ones included), numbered 1..N"
         )
-    labels = metrics.get("labels")
-    if not isinstance(labels, Mapping):
-        raise ReportError("metrics has no 'labels' mapping; pass the metrics of ModelRunner.measure")
-    absent = [spec.name for value, spec in sorted(manifest.labels.items()) if str(value) not in labels]
+    segments = metrics.get("segments")
+    if not isinstance(segments, Mapping):
+        raise ReportError("metrics has no 'segments' mapping; pass the metrics of inference.segments.measure_segments")
+    absent = [spec.name for n, spec in numbered if str(n) not in segments]
     if absent:
-        raise ReportError(f"metrics has no entry for label(s) {', '.join(absent)} of model {manifest.name}")
+        raise ReportError(f"metrics has no entry for segment(s) {', '.join(absent)} of model {manifest.name}")
+
+
+def _lo_text(text: str) -> str:
+    """A tracking identifier fits a UT, but keep it short enough for every viewer's list (64 characters)."""
+    return text if len(text) <= 64 else text[:61].rstrip() + "..."
 
 
 def _series_description(pipeline: str, demo: bool) -> str:
@@ -183,6 +242,7 @@ def build_sr(
     pipeline: str,
     node_version: str,
     series_number: int = 9002,
+    segments: Sequence[Segment] | None = None,
 ) -> Dataset:
     """Build the TID 1500 measurement report of one job.
 
@@ -191,12 +251,15 @@ def build_sr(
             manifest label present, empty ones included).
         sources: the source images the SEG was made on (they join the evidence
             and give patient and study attributes, character set included).
-        metrics: ``ModelRunner.measure`` output (``labels`` keyed by label value as text).
+        metrics: :func:`inference.segments.measure_segments` output (``segments`` keyed by segment number
+            as text, ``qc`` for the whole result).
         manifest: the model's manifest (label codes, laterality, means, counts).
         identity: the job's result identity (SR UIDs, tracking UIDs).
         pipeline: the pipeline name (Series Description ``AI <pipeline> SR``).
         node_version: the node's version (Software Versions).
         series_number: Series Number of the SR series.
+        segments: the segments the SEG carries (numbers and definitions; the outputs may leave
+            unvalidated ones out); default: the manifest's output segments numbered 1..N.
 
     Returns:
         A Comprehensive 3D SR dataset (a :class:`highdicom.sr.Comprehensive3DSR`).
@@ -205,9 +268,9 @@ def build_sr(
         ReportError: ``seg`` is not a SEG, belongs to another study or lacks a
             label's segment, ``sources`` is empty, or ``metrics`` lacks a label.
     """
-    _check_inputs(seg, sources, metrics, manifest)
+    numbered = _numbered(manifest, segments)
+    _check_inputs(seg, sources, metrics, manifest, numbered)
     demo = manifest.demo
-    numbers = segment_numbers(manifest)
     source_series = hd.sr.SourceSeriesForSegmentation(_source_series_uid(seg, sources))
     algorithm_name = f"{manifest.name} ({DEMO_WARNING})" if demo else manifest.name
     parameters = [f"pipeline: {pipeline}", f"node: {MANUFACTURER} {node_version}"]
@@ -225,18 +288,18 @@ def build_sr(
             source_series=source_series,
         )
 
+    frame_of_reference = str(seg.get("FrameOfReferenceUID", "") or sources[0].get("FrameOfReferenceUID", ""))
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
-    for value, spec in sorted(manifest.labels.items()):
-        entry = metrics["labels"][str(value)]
-        number = numbers[value]
-        sites = _finding_sites(spec)
+    for number, spec in numbered:
+        entry = metrics["segments"][str(number)]
+        sites = _finding_sites(spec, entry)
         measurements = [
             hd.sr.Measurement(name=_VOLUME, value=float(entry["volume_ml"]), unit=_ML, algorithm_id=algorithm())
         ]
         for role in spec.measure_mean_of:
             mean = (entry.get("mean") or {}).get(role)
             if mean is None:
-                logger.debug("label %s: no mean of %s (empty label or input absent)", spec.name, role)
+                logger.debug("segment %s: no mean of %s (empty segment or input absent)", spec.name, role)
                 continue
             measurements.append(
                 hd.sr.Measurement(
@@ -247,17 +310,34 @@ def build_sr(
                     algorithm_id=algorithm(f"mean of input: {role}"),
                 )
             )
-        components: list[float] = []
+        lesions: list[Mapping[str, Any]] = []
+        evaluations: list[hd.sr.QualitativeEvaluation] = []
         if spec.count_components:
-            components = [float(v) for v in entry.get("components_ml", [])]
-            count = int(entry.get("count", len(components)))
+            lesions = list(entry.get("lesions") or [])
+            count = int(entry.get("count", len(lesions)))
             measurements.append(
                 hd.sr.Measurement(name=_NUMBER_OF_LESIONS, value=count, unit=_LESIONS, algorithm_id=algorithm())
+            )
+            if count == 0:
+                evaluations.append(hd.sr.QualitativeEvaluation(name=_FINDING, value=_ABSENT))
+        if entry.get("confidence") is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=_CERTAINTY,
+                    value=round(float(entry["confidence"]) * 100.0, 2),
+                    unit=_PERCENT,
+                    algorithm_id=algorithm("mean probability of the predicted class inside the segment"),
+                )
+            )
+        if spec.plausible_ml is not None:
+            plausible = bool((entry.get("qc") or {}).get("plausible", True))
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(name=_QUALITY_FINDING, value=_QC_MET if plausible else _QC_NOT_MET)
             )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derived_uid(identity.key, "SR", "tracking", str(value)), identifier=spec.name
+                    uid=derived_uid(identity.key, "SR", "tracking", "segment", str(number)), identifier=spec.name
                 ),
                 referenced_segment=referenced_segment(number),
                 finding_category=_concept(spec.category),
@@ -265,21 +345,37 @@ def build_sr(
                 finding_sites=sites,
                 algorithm_id=algorithm(*parameters),
                 measurements=measurements,
+                qualitative_evaluations=evaluations or None,
             )
         )
-        for k, volume in enumerate(components, start=1):
+        for k, lesion in enumerate(lesions, start=1):
+            first, last = (int(v) for v in lesion["slices"])
+            lesion_sites = None
+            if spec.anatomy is not None:
+                lesion_sites = [
+                    hd.sr.FindingSite(anatomic_location=_concept(spec.anatomy), laterality=_side(lesion.get("side")))
+                ]
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=derived_uid(identity.key, "SR", "tracking", str(value), "component", str(k)),
-                        identifier=f"lesion {k}",
+                        uid=derived_uid(identity.key, "SR", "tracking", "segment", str(number), "lesion", str(k)),
+                        identifier=_lo_text(f"{spec.name} lesion {k}, slices {first}-{last}"),
                     ),
-                    referenced_segment=referenced_segment(number),
+                    referenced_volume_surface=hd.sr.VolumeSurface(
+                        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                        graphic_data=np.asarray([lesion["centroid_lps"]], dtype=np.float64),
+                        frame_of_reference_uid=frame_of_reference,
+                        source_series=source_series,
+                    ),
                     finding_category=_concept(spec.category),
                     finding_type=_concept(spec.type),
-                    finding_sites=sites,
+                    finding_sites=lesion_sites,
                     algorithm_id=algorithm(*parameters),
-                    measurements=[hd.sr.Measurement(name=_VOLUME, value=volume, unit=_ML, algorithm_id=algorithm())],
+                    measurements=[
+                        hd.sr.Measurement(
+                            name=_VOLUME, value=float(lesion["volume_ml"]), unit=_ML, algorithm_id=algorithm()
+                        )
+                    ],
                 )
             )
 
@@ -301,21 +397,26 @@ def build_sr(
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
+    comments = []
     if demo:
+        comments.append(f"{DEMO_WARNING}: measurements by demo model {manifest.name} {manifest.version}")
+    qc = metrics.get("qc") or {}
+    if qc.get("flagged"):
+        comments.append("QC: implausible result, check before use: " + "; ".join(str(r) for r in qc.get("reasons", [])))
+    if comments:
         # TID 1500 row "Qualitative Evaluations": free-text evaluations of the report
-        evaluations = hd.sr.ContainerContentItem(
+        container = hd.sr.ContainerContentItem(
             name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
-        evaluations.ContentSequence = hd.sr.ContentSequence(
+        container.ContentSequence = hd.sr.ContentSequence(
             [
                 hd.sr.TextContentItem(
-                    name=_COMMENT,
-                    value=f"{DEMO_WARNING}: measurements by demo model {manifest.name} {manifest.version}",
-                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                    name=_COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
                 )
+                for text in comments
             ]
         )
-        report[0].ContentSequence.append(evaluations)
+        report[0].ContentSequence.append(container)
 
     reference = sources[0]
     evidence: list[Dataset] = [seg]

@@ -147,20 +147,18 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     with _database(settings) as db, db.session() as session:
         page = query.list_jobs(session, states=[args.state] if args.state else [], limit=args.limit)
-        jobs = [row.job for row in page.items]
-        if not jobs:
+        if not page.items:
             print("no jobs")
             return 0
         print(
             f"{'id':>5}  {'state':9}  {'prio':6}  {'pipeline':12}  {'created (UTC)':19}  {'secs':>6}  reason / result"
         )
-        for j in jobs:
+        for row in page.items:
+            j = row.job
             secs = (j.timings or {}).get("total")
-            note = j.reason or (
-                ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in (j.metrics or {}).get("labels", {}).values())
-                if j.metrics
-                else ""
-            )
+            note = j.reason or ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in row.volumes)
+            if row.qc:
+                note = "QC! " + note
             print(
                 f"{j.id:>5}  {j.state.value:9}  {j.priority:6}  {j.pipeline[:12]:12}  "
                 f"{j.created_at:%Y-%m-%d %H:%M:%S}  {secs if secs is not None else '-':>6}  {note[:90]}"

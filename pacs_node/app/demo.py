@@ -159,25 +159,16 @@ def _demo_settings(
     return settings_from_mapping(tree, source="demo settings (embedded defaults + demo overrides)")
 
 
-def _seg_labels(seg_path: Path, reference_uids: list[str], model_folder: Path) -> np.ndarray:
-    """The received SEG as a label map on the reference slices (manifest label values)."""
+def _seg_masks(seg_path: Path, reference_uids: list[str]) -> dict[str, np.ndarray]:
+    """The received SEG's segments by label, as masks on the reference slices."""
     import highdicom as hd
 
-    from inference.manifest import ModelPackage
-    from inference.outputs.seg import segment_numbers
-
-    manifest = ModelPackage(model_folder).manifest
     seg = hd.seg.segread(seg_path)
-    numbers = segment_numbers(manifest)  # label -> segment number
     pixels = seg.get_pixels_by_source_instance(
         reference_uids, combine_segments=False, skip_overlap_checks=True, dtype=np.uint8
     )  # (slices, rows, columns, segments)
-    out = np.zeros(pixels.shape[:3], dtype=np.uint8)
-    present = [int(n) for n in seg.segment_numbers]
-    for label, number in sorted(numbers.items()):
-        if number in present:
-            out[pixels[..., present.index(number)] > 0] = label
-    return out
+    numbers = [int(n) for n in seg.segment_numbers]
+    return {str(seg.get_segment_description(n).SegmentLabel): pixels[..., numbers.index(n)] > 0 for n in numbers}
 
 
 def _png(ds: Dataset, path: Path) -> None:
@@ -220,7 +211,7 @@ def run_demo(
     """
     from inference.manifest import ModelPackage
     from inference.pipeline import build_inputs
-    from inference.postprocess import organ_mask
+    from inference.segments import body_midline_x, build_segments
     from pacs_lab.evaluation import dice
     from pacs_lab.tasks import get_task
 
@@ -317,7 +308,7 @@ def run_demo(
             if r.pipeline in pending:
                 r.state, r.reason = "timeout", f"no complete results within {timeout_s:.0f} s"
 
-        # Dice of the received SEG against the phantom truth, volumes from the job
+        # Dice of the received SEG's segments against the same segments of the phantom truth, volumes from the job
         for r in results:
             if r.state != "done":
                 continue
@@ -326,14 +317,21 @@ def run_demo(
             manifest = ModelPackage(model_folder).manifest
             ref, _, _ = build_inputs(manifest, case.inputs)
             seg_file = next(Path(f) for f in r.files if f.endswith("seg.dcm"))
-            pred = _seg_labels(seg_file, list(ref.sop_uids), model_folder)
-            truth = case.truth.array
-            for value, spec in sorted(manifest.labels.items()):
-                d = dice(organ_mask(pred, value, spec.volume_includes), organ_mask(truth, value, spec.volume_includes))
-                r.dice[spec.name] = None if d is None else round(d, 3)
+            pred = _seg_masks(seg_file, list(ref.sop_uids))
+            truth_segments = build_segments(case.truth, manifest, midline_x=body_midline_x(ref))
+            for truth_segment in truth_segments:
+                name = truth_segment.spec.name
+                if name in pred:  # an unvalidated segment does not go to the PACS
+                    d = dice(pred[name], truth_segment.mask)
+                    r.dice[name] = None if d is None else round(d, 3)
             task = get_task(DEMO_CASES[r.pipeline][0])
             for union, values in task.unions.items():
-                d = dice(np.isin(pred, list(values)), np.isin(truth, list(values)))
+                inside = [s.spec.name for s in truth_segments if {*s.spec.labels, *s.spec.grow_into} <= set(values)]
+                predicted = np.zeros(ref.shape, dtype=bool)
+                for name in inside:
+                    if name in pred:
+                        predicted |= pred[name]
+                d = dice(predicted, np.isin(case.truth.array, list(values)))
                 r.dice[union] = None if d is None else round(d, 3)
     finally:
         node.stop()
@@ -369,7 +367,7 @@ def _collect(
         shutil.copyfile(path, target)
         r.files.append(str(target))
     metrics = job.metrics or {}
-    for entry in (metrics.get("labels") or {}).values():
+    for entry in (metrics.get("segments") or {}).values():
         r.volumes_ml[str(entry["name"])] = round(float(entry["volume_ml"]), 2)
     timings = job.timings or {}
     with node.db.session() as session:

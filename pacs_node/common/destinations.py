@@ -37,9 +37,13 @@ def delivery_targets(settings: Settings, destinations: Sequence[str], route: str
 
 
 def wants(kind: OutputKind, seg_type: str) -> bool:
-    """Whether a destination taking ``seg_type`` SEGs receives an output of ``kind``."""
-    if kind is OutputKind.SEG:
-        return seg_type == "binary"
+    """Whether a destination taking ``seg_type`` SEGs receives an output of ``kind``.
+
+    Every destination gets the BINARY SEG, because the SR references it: a LABELMAP
+    SEG holds one segment per voxel and cannot carry overlapping segments (a whole
+    kidney and its parenchyma), so the SR's volumes are those of the BINARY SEG's
+    full masks. A ``labelmap`` destination gets the LABELMAP SEG as well.
+    """
     if kind is OutputKind.SEG_LABELMAP:
         return seg_type == "labelmap"
     return True

@@ -639,6 +639,11 @@ class RouteSettings(_Frozen):
     return_to_sender: ReturnToSender | None = Field(
         None, description="also send results to the AE that sent the series (DIMSE only)"
     )
+    include_unvalidated: bool = Field(
+        False,
+        description="also draw and measure the segments the model card marks as not validated "
+        "(model.yaml segments[].validated: false); off by default, so they never reach the PACS unasked",
+    )
 
     @field_validator("calling_ae", "called_ae")
     @classmethod

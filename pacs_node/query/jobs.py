@@ -46,10 +46,12 @@ class JobRow:
 
     @property
     def volumes(self) -> list[dict[str, Any]]:
-        """The job's measurements per label: name, volume (mL), count and means, as the worker recorded them."""
-        labels = (self.job.metrics or {}).get("labels") or {}
+        """The job's measurements per segment: name, volume (mL), count, means, confidence and QC, as the worker
+        recorded them (``segments``; jobs of earlier versions recorded ``labels``)."""
+        metrics = self.job.metrics or {}
+        entries = metrics.get("segments") or metrics.get("labels") or {}
         rows = []
-        for value, entry in sorted(labels.items(), key=lambda item: int(item[0]) if str(item[0]).isdigit() else 0):
+        for value, entry in sorted(entries.items(), key=lambda item: int(item[0]) if str(item[0]).isdigit() else 0):
             if not isinstance(entry, dict):
                 continue
             means = entry.get("mean") or {}
@@ -62,9 +64,17 @@ class JobRow:
                     "laterality": entry.get("laterality"),
                     "means": {k: v for k, v in means.items() if v is not None},
                     "mean_unit": entry.get("mean_unit") or "",
+                    "confidence": entry.get("confidence"),
+                    "plausible": (entry.get("qc") or {}).get("plausible", True),
                 }
             )
         return rows
+
+    @property
+    def qc(self) -> list[str]:
+        """Why the result is flagged for QC (implausible volumes, a missing structure); empty when it is not."""
+        qc = (self.job.metrics or {}).get("qc") or {}
+        return [str(r) for r in qc.get("reasons", [])] if qc.get("flagged") else []
 
     @property
     def stages(self) -> list[tuple[str, float]]:
