@@ -25,8 +25,9 @@ from pacs_node.common.store import open_store
 from pacs_node.config import Settings, settings_from_mapping
 from pacs_node.deliver.scu import send_files
 from pacs_node.errors import ConfigError
-from pacs_node.process.distributed import publish_pending, reap_jobs
-from pacs_node.process.worker import RunnerCache, claim_job, execute_job
+from pacs_node.process.distributed import publish_pending
+from pacs_node.process.jobs import claim_job, reap_jobs
+from pacs_node.process.worker import RunnerCache, execute_job
 from storage.db import Database
 from storage.models import Delivery, DeliveryState, Job, JobState, Output, Series, Study, utcnow
 from tests import distributed_support as support

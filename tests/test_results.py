@@ -20,8 +20,9 @@ from inference.volume import volume_from_datasets
 from pacs_lab.model_packages import two_spheres
 from pacs_lab.synthetic import make_oriented_series
 from pacs_node.config import Settings
+from pacs_node.process.jobs import claim_next
 from pacs_node.process.results import emit_notices
-from pacs_node.process.worker import RunnerCache, claim_next, execute_job
+from pacs_node.process.worker import RunnerCache, execute_job
 from storage.models import Delivery, DeliveryState, Job, JobState, Output, OutputKind
 from tests.conftest import dciodvfy
 from tests.test_router import Harness

@@ -20,7 +20,7 @@ from pacs_lab.model_packages import two_spheres
 from pacs_lab.synthetic import make_oriented_series, write_series
 from pacs_node.config import Settings
 from pacs_node.deliver.scu import send_files
-from pacs_node.process.worker import claim_next
+from pacs_node.process.jobs import claim_next
 from storage.db import Database
 from storage.models import Job, JobState, Study
 from tests.conftest import wait_for

@@ -15,7 +15,7 @@ Delivery guarantees, and who gives them:
 * a broker's redelivery can take long (Redis: ``visibility_timeout``), so the
   job also holds a lease in the database (``Job.worker_id`` + ``heartbeat_at``
   renewed every ``queue.heartbeat_s``), and serve re-publishes a job whose
-  lease expired (:mod:`pacs_node.process.distributed`);
+  lease expired (:func:`pacs_node.process.jobs.reap_jobs`);
 * duplicates are harmless: the claim is one conditional UPDATE on the job's
   state and attempt count, so only one delivery of a message runs it, and a
   stale message (an earlier attempt's) changes nothing.
@@ -42,6 +42,7 @@ from kombu import Queue
 from pacs_node.common.store import open_store
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigError, PacsNodeError
+from pacs_node.process.jobs import time_limit_s
 from pacs_node.process.worker import RunnerCache, run_queued_job
 from storage.db import MIGRATIONS_DIR, Database
 
@@ -138,8 +139,7 @@ def publish(app: Celery, settings: Settings, job_id: int, attempts: int, pipelin
     """
     group = settings.queue.group_of(pipeline)
     name = settings.queue.queue_name(group)
-    spec = settings.pipelines.get(pipeline)
-    limit = (spec.time_limit_s if spec else 900.0) + HARD_LIMIT_GRACE_S
+    limit = time_limit_s(settings, pipeline) + HARD_LIMIT_GRACE_S
     app.send_task(
         TASK_NAME,
         args=[job_id, attempts],

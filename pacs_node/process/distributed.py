@@ -4,7 +4,8 @@ With ``queue.backend: celery``, ``serve`` runs no inference. Its :class:`Enqueue
 loop (a thread beside the router and the dispatcher) does, every
 ``queue.poll_interval_s`` or when the router wakes it:
 
-1. :func:`reap_jobs`: a RUNNING job past its pipeline's ``time_limit_s`` fails
+1. :func:`~pacs_node.process.jobs.reap_jobs` (the same pass the embedded
+   supervisor runs): a RUNNING job past its pipeline's ``time_limit_s`` fails
    (``failure_kind`` timeout; its worker's result would be discarded), and one
    whose worker sent no heartbeat for ``queue.lease_s`` goes back to PENDING to
    be published again, or fails once it has had ``worker.max_attempts`` runs.
@@ -30,9 +31,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 
 from pacs_node.config import Settings
+from pacs_node.process.jobs import reap_jobs
 from pacs_node.process.results import emit_notices
 from storage.db import Database
 from storage.filestore import FileStore
@@ -45,71 +47,6 @@ PUBLISH_BATCH = 200
 
 Publisher = Callable[[int, int, str, int], str]
 """(job id, attempts so far, pipeline, priority rank) -> queue name; raises when the broker is unreachable."""
-
-
-def _now(db: Database) -> datetime:
-    """The database server's clock on PostgreSQL (workers' heartbeats use it too), ours on SQLite."""
-    if db.dialect == "postgresql":
-        with db.session() as session:
-            value = session.scalar(select(func.now()))
-        if isinstance(value, datetime):
-            return value
-    return utcnow()
-
-
-def reap_jobs(db: Database, settings: Settings, now: datetime | None = None) -> dict[str, int]:
-    """Fail RUNNING jobs past their time limit; re-queue (or fail) those whose lease expired.
-
-    Every change is conditional on the row still being what was read (state,
-    worker, attempts, heartbeat), so a heartbeat or a finish that lands at the
-    same moment wins and the job is left alone.
-    """
-    now = now or _now(db)
-    lease = timedelta(seconds=settings.queue.lease_s)
-    max_attempts = settings.worker.max_attempts
-    counts = {"timed_out": 0, "requeued": 0, "failed": 0}
-    with db.session() as session:
-        running = session.execute(
-            select(Job.id, Job.pipeline, Job.worker_id, Job.attempts, Job.started_at, Job.heartbeat_at).where(
-                Job.state == JobState.RUNNING
-            )
-        ).all()
-    for job_id, pipeline, worker_id, attempts, started_at, heartbeat_at in running:
-        spec = settings.pipelines.get(pipeline)
-        limit = spec.time_limit_s if spec else 900.0
-        held = (Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id, Job.attempts == attempts)
-        if started_at is not None and now - started_at > timedelta(seconds=limit):
-            reason = (
-                f"stopped after {limit:g} s: the job exceeded its pipeline's time limit "
-                f"(pipelines.{pipeline}.time_limit_s); worker {worker_id}'s result will be discarded"
-            )
-            if _change(db, held, state=JobState.FAILED, finished_at=now, failure_kind="timeout", reason=reason):
-                counts["timed_out"] += 1
-                logger.warning("job %d FAILED: %s", job_id, reason)
-            continue
-        beat = heartbeat_at or started_at
-        if beat is None or now - beat <= lease:
-            continue
-        stale = (*held, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - lease))
-        silent = int((now - beat).total_seconds())
-        what = f"worker {worker_id} sent no heartbeat for {silent} s (queue.lease_s {settings.queue.lease_s:g})"
-        if attempts >= max_attempts:
-            reason = f"{what}, on run {attempts} of {max_attempts}; not retried again (worker.max_attempts)"
-            if _change(db, stale, state=JobState.FAILED, finished_at=now, failure_kind="internal", reason=reason):
-                counts["failed"] += 1
-                logger.warning("job %d FAILED: %s", job_id, reason)
-        elif _change(db, stale, state=JobState.PENDING, worker_id=None, published_at=None, queued_at=now):
-            counts["requeued"] += 1
-            logger.warning("job %d re-queued: %s; run %d follows", job_id, what, attempts + 1)
-    return counts
-
-
-def _change(db: Database, where: tuple[Any, ...], **values: Any) -> bool:
-    with db.session() as session:
-        result = session.execute(
-            update(Job).where(*where).values(updated_at=utcnow(), **values).execution_options(synchronize_session=False)
-        )
-        return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
 def publish_pending(db: Database, settings: Settings, send: Publisher, now: datetime | None = None) -> int:

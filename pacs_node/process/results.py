@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydicom import Dataset
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from pacs_node import __version__
 from pacs_node.common.destinations import create_deliveries, delivery_targets
@@ -27,6 +28,10 @@ from pacs_node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Delivery, DeliveryState, Instance, Job, JobState, Output, OutputKind, Series, utcnow
+
+if TYPE_CHECKING:  # torch loads only in worker processes
+    from inference.manifest import Manifest
+    from inference.pipeline import SegmentationResult
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +64,14 @@ def seg_kinds(settings: Settings, destinations: Sequence[str], route: str | None
 def build_outputs(
     settings: Settings,
     job: Job,
-    result: Any,
+    result: SegmentationResult,
     inputs: dict[str, list[Dataset]],
-    manifest: Any,
+    manifest: Manifest,
 ) -> list[BuiltOutput]:
     """SEG(s), the TID 1500 SR and the key image for a DONE job.
 
-    ``result`` is an :class:`inference.pipeline.SegmentationResult`; ``inputs``
-    the datasets the job read, by role.
+    ``result`` is what the model produced from ``inputs``, the datasets the job
+    read, by role; ``manifest`` the model package's manifest.
     """
     from inference.outputs.common import ResultIdentity
     from inference.outputs.keyimage import build_key_image_sc, compose_key_image, png_bytes
@@ -81,10 +86,10 @@ def build_outputs(
         manifest.version,
     )
     sources = inputs[manifest.reference]
-    built: list[BuiltOutput] = []
-    seg_for_sr: Dataset | None = None
-    for kind in seg_kinds(settings, job.destinations or [], job.route):
-        seg = build_seg(
+    kinds = seg_kinds(settings, job.destinations or [], job.route)  # never empty
+    segs: dict[OutputKind, Dataset] = {}
+    for kind in kinds:
+        segs[kind] = build_seg(
             result.labels,
             sources,
             manifest,
@@ -94,10 +99,8 @@ def build_outputs(
             seg_type="labelmap" if kind is OutputKind.SEG_LABELMAP else "binary",
             series_number=out.seg_series_number,
         )
-        built.append(BuiltOutput(kind, seg))
-        if seg_for_sr is None or kind is OutputKind.SEG:
-            seg_for_sr = seg
-    assert seg_for_sr is not None
+    built = [BuiltOutput(kind, seg) for kind, seg in segs.items()]
+    seg_for_sr = segs.get(OutputKind.SEG, segs[kinds[0]])  # the SR references the binary SEG when there is one
     sr = build_sr(
         seg_for_sr,
         sources,
@@ -133,7 +136,13 @@ def build_outputs(
 
 
 def store_outputs(
-    settings: Settings, db: Database, store: FileStore, job_id: int, built: Sequence[BuiltOutput]
+    settings: Settings,
+    db: Database,
+    store: FileStore,
+    job_id: int,
+    built: Sequence[BuiltOutput],
+    *,
+    fence: Callable[[Session], None] | None = None,
 ) -> list[Output]:
     """Write objects to the store, record them and queue their deliveries; supersede earlier results.
 
@@ -141,6 +150,14 @@ def store_outputs(
     superseded: a re-run with the same inputs wrote the same UIDs over them, a
     new model version or late instances made new ones that replace them. Their
     deliveries still PENDING are cancelled (one being sent finishes).
+
+    ``fence`` runs in the transaction that records the outputs and deliveries,
+    just before it commits: the worker moves the job to DONE there
+    (:func:`pacs_node.process.jobs.finish_job`), so that outputs, deliveries and
+    DONE commit together. Whatever it raises rolls all of it back and propagates.
+
+    Raises:
+        ValueError: the job is not in the database.
     """
     rows: list[Output] = []
     written: list[tuple[BuiltOutput, str, int, str | None]] = []
@@ -212,6 +229,8 @@ def store_outputs(
             rows.append(row)
         session.flush()
         create_deliveries(session, settings, job, rows)
+        if fence is not None:
+            fence(session)
     return rows
 
 

@@ -9,16 +9,20 @@ failed). A job that fails never stops the worker.
 
 Distributed mode (``queue.backend: celery``): a broker message names a job and
 the attempt it was published for; :func:`run_queued_job` claims exactly that
-job with one conditional UPDATE (a duplicate or stale message changes nothing),
-renews the job's lease with a :class:`Heartbeat` while it runs, and calls the
-same :func:`execute_job`.
+job (a duplicate or stale message changes nothing), renews the job's lease with
+a :class:`~pacs_node.process.jobs.Heartbeat` while it runs, and calls the same
+:func:`execute_job`.
+
+Both modes claim, finish, fail and reap jobs with the functions of
+:mod:`pacs_node.process.jobs`; this module only decides when.
 
 :func:`execute_job` is the plain function that does one job; the loops, the
 supervisor and the Celery task are glue around it. It stores a job's outputs,
 queues their deliveries and moves the job to DONE in one transaction, and only
-while this worker still holds the job: a worker whose lease was taken over (it
-was presumed dead, the job re-queued) discards its result, so a job's outputs
-exist once whatever the timing.
+while this worker still holds the job (:func:`~pacs_node.process.jobs.finish_job`
+as the fence of :func:`~pacs_node.process.results.store_outputs`): a worker
+whose lease was taken over (it was presumed dead, the job re-queued) discards
+its result, so a job's outputs exist once whatever the timing.
 """
 
 from __future__ import annotations
@@ -31,23 +35,36 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_node.common.logs import configure_logging
 from pacs_node.common.store import open_store
 from pacs_node.config import Settings
+from pacs_node.process.jobs import (
+    Heartbeat,
+    JobTakenOver,
+    Lost,
+    RunningJob,
+    claim_job,
+    claim_next,
+    fail_job,
+    finish_job,
+    reap_jobs,
+)
 from pacs_node.process.results import build_outputs, emit_notices, store_outputs
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import Instance, Job, JobState, Series, utcnow
+from storage.models import Instance, Job, JobState, Series
+
+if TYPE_CHECKING:  # torch loads only in worker processes
+    from inference.manifest import Manifest
+    from inference.pipeline import SegmentationResult
 
 logger = logging.getLogger(__name__)
 
@@ -57,129 +74,14 @@ class JobFailed(Exception):
 
 
 class Runner(Protocol):
-    """What the worker needs from a loaded model (inference.pipeline.ModelRunner)."""
+    """What the worker needs from a loaded model (:class:`inference.pipeline.ModelRunner`)."""
 
-    manifest: Any
+    manifest: Manifest
 
-    def run(self, inputs: dict[str, list[Dataset]]) -> Any: ...
+    def run(self, inputs: dict[str, list[Dataset]]) -> SegmentationResult: ...
 
 
 RunnerFactory = Callable[[str, bool], Runner]
-
-
-def db_now(db: Database) -> Any:
-    """The current time for leases: the database server's clock on PostgreSQL (hosts' clocks differ), ours on SQLite."""
-    return func.now() if db.dialect == "postgresql" else utcnow()
-
-
-def claim_job(db: Database, job_id: int, worker_id: str, attempts: int) -> bool:
-    """Move job ``job_id`` from PENDING to RUNNING for ``worker_id`` if it is still at ``attempts`` runs.
-
-    One conditional UPDATE: of several deliveries of the same message (a
-    broker's redelivery, a re-publication) exactly one wins; a message for a job
-    that is running, finished, cancelled or was re-queued since (its attempts
-    moved on) changes nothing and returns False.
-    """
-    now = db_now(db)
-    with db.session() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.PENDING, Job.attempts == attempts)
-            .values(
-                state=JobState.RUNNING,
-                worker_id=worker_id,
-                started_at=now,
-                heartbeat_at=now,
-                attempts=Job.attempts + 1,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        return int(result.rowcount) == 1  # type: ignore[attr-defined]
-
-
-def renew_lease(db: Database, job_id: int, worker_id: str) -> bool:
-    """Set the job's heartbeat to now if ``worker_id`` still holds it RUNNING; False when it does not."""
-    now = db_now(db)
-    with db.session() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id)
-            .values(heartbeat_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        return int(result.rowcount) == 1  # type: ignore[attr-defined]
-
-
-class Heartbeat:
-    """Renews a running job's lease every ``interval_s`` in a thread, until the ``with`` block ends.
-
-    A failed renewal (database unreachable) is logged and retried at the next
-    beat; a lost lease (the job was re-queued or failed meanwhile) is logged once.
-    """
-
-    def __init__(self, db: Database, job_id: int, worker_id: str, interval_s: float) -> None:
-        self.db = db
-        self.job_id = job_id
-        self.worker_id = worker_id
-        self.interval_s = interval_s
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                held = renew_lease(self.db, self.job_id, self.worker_id)
-            except Exception as exc:
-                logger.warning("job %d: lease not renewed (%s); retrying", self.job_id, exc)
-                continue
-            if not held and not self.lost:
-                self.lost = True
-                logger.warning(
-                    "job %d: worker %s no longer holds it (lease expired or time limit); its result will be discarded",
-                    self.job_id,
-                    self.worker_id,
-                )
-
-
-def claim_next(db: Database, worker_id: str) -> int | None:
-    """Atomically move the most urgent PENDING job to RUNNING for ``worker_id``.
-
-    Safe with several workers on SQLite or PostgreSQL: the conditional UPDATE
-    succeeds for exactly one of them.
-    """
-    for _ in range(5):
-        with db.session() as session:
-            job_id = session.scalar(
-                select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.priority_rank, Job.id).limit(1)
-            )
-            if job_id is None:
-                return None
-            now = utcnow()
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.PENDING)
-                .values(
-                    state=JobState.RUNNING,
-                    worker_id=worker_id,
-                    started_at=now,
-                    heartbeat_at=now,
-                    attempts=Job.attempts + 1,
-                    updated_at=now,
-                )
-            )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
-                return int(job_id)
-    return None
 
 
 def load_inputs(db: Database, store: FileStore, job: Job) -> dict[str, list[Dataset]]:
@@ -257,34 +159,25 @@ def execute_job(
             timings.update({"load_model": round(t_load, 3), "read_inputs": round(t_read, 3), **result.timings})
             timings["outputs"] = round(time.perf_counter() - t2, 3)
             timings["total"] = round(time.perf_counter() - t0, 3)
-            now = utcnow()
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == job.worker_id)
-                .values(
-                    state=JobState.DONE,
-                    finished_at=now,
-                    updated_at=now,
-                    metrics=result.metrics,
-                    timings=timings,
-                    model_name=result.model["name"],
-                    model_version=result.model["version"],
-                    model_checksums=result.model["checksums"],
-                    result_path=(
-                        str(label_path.relative_to(settings.data_dir))
-                        if label_path.is_relative_to(settings.data_dir)
-                        else str(label_path)
-                    ),
-                    reason=None,
-                )
-                .execution_options(synchronize_session=False)
+            finish_job(
+                session,
+                job_id,
+                job.worker_id,
+                metrics=result.metrics,
+                timings=timings,
+                model_name=result.model["name"],
+                model_version=result.model["version"],
+                model_checksums=result.model["checksums"],
+                result_path=(
+                    str(label_path.relative_to(settings.data_dir))
+                    if label_path.is_relative_to(settings.data_dir)
+                    else str(label_path)
+                ),
             )
-            if int(done.rowcount) != 1:  # type: ignore[attr-defined]
-                raise _LeaseLost
 
         try:
-            store_outputs(settings, _FencedDatabase(db, finish), store, job_id, built)
-        except _LeaseLost:
+            store_outputs(settings, db, store, job_id, built, fence=finish)
+        except JobTakenOver:
             with db.session() as session:
                 row = session.get(Job, job_id)
                 state = row.state if row else JobState.CANCELLED
@@ -312,42 +205,8 @@ def execute_job(
     except Exception as exc:  # a failing job never stops the worker
         logger.error("job %d: unexpected error\n%s", job_id, traceback.format_exc())
         reason, kind = f"internal error ({type(exc).__name__}: {exc}); see the node's log", "internal"
-    _fail(db, job_id, reason, worker_id=job.worker_id, kind=kind)
+    fail_job(db, job_id, reason, worker_id=job.worker_id, kind=kind)
     return JobState.FAILED
-
-
-class _LeaseLost(Exception):
-    """The job is no longer held by the worker that ran it (re-queued, failed by a time limit)."""
-
-
-class _FencedDatabase(Database):
-    """The database as :func:`store_outputs` sees it from a worker: its transaction also runs ``fence``.
-
-    ``store_outputs`` writes the files, then records outputs and deliveries in
-    one ``db.session()``; ``fence`` runs in that session just before it commits
-    (moving the job to DONE, or raising :class:`_LeaseLost` to roll everything
-    back). Shares the real database's engine; disposing is left to its owner.
-    """
-
-    def __init__(self, db: Database, fence: Callable[[Session], None]) -> None:  # no engine of its own
-        self.url = db.url
-        self.engine = db.engine
-        self.sessions = db.sessions
-        self._fence = fence
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self.sessions() as session:
-            try:
-                yield session
-                self._fence(session)
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-
-    def dispose(self) -> None:
-        """Nothing: the engine belongs to the wrapped database."""
 
 
 def run_queued_job(
@@ -376,20 +235,6 @@ def run_queued_job(
     logger.info("worker %s runs job %d (run %d)", worker_id, job_id, attempts + 1)
     with Heartbeat(db, job_id, worker_id, settings.queue.heartbeat_s):
         return execute_job(job_id, settings, db, store, runner_for, worker_id=worker_id)
-
-
-def _fail(db: Database, job_id: int, reason: str, *, worker_id: str | None = None, kind: str = "internal") -> None:
-    with db.session() as session:
-        row = session.get(Job, job_id)
-        if row is None or row.state is not JobState.RUNNING:
-            return
-        if worker_id is not None and row.worker_id != worker_id:
-            return
-        row.state = JobState.FAILED
-        row.finished_at = utcnow()
-        row.reason = reason
-        row.failure_kind = kind
-    logger.warning("job %d FAILED: %s", job_id, reason)
 
 
 class RunnerCache:
@@ -492,24 +337,15 @@ class WorkerSupervisor:
         logger.info("started worker %s (pid %s)", worker_id, proc.pid)
 
     def _requeue_orphans(self) -> None:
-        """Jobs left RUNNING by workers of an earlier run of this host go back to PENDING."""
+        """Jobs left RUNNING by workers of an earlier run of this host go back to PENDING (or fail)."""
         prefix = f"{self._host}:"
-        with self.db.session() as session:
-            for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
-                if job.worker_id and job.worker_id.startswith(prefix):
-                    self._retry_or_fail(job, "the node stopped while it was running")
 
-    def _retry_or_fail(self, job: Job, what: str) -> None:
-        if job.attempts >= self.settings.worker.max_attempts:
-            job.state = JobState.FAILED
-            job.finished_at = utcnow()
-            job.failure_kind = "internal"
-            job.reason = f"{what}, {job.attempts} times; not retried again (worker.max_attempts)"
-            logger.warning("job %d FAILED: %s", job.id, job.reason)
-        else:
-            job.state = JobState.PENDING
-            job.worker_id = None
-            logger.warning("job %d re-queued: %s", job.id, what)
+        def orphaned(job: RunningJob) -> Lost | None:
+            if job.worker_id and job.worker_id.startswith(prefix):
+                return Lost("the node stopped while it was running")
+            return None
+
+        reap_jobs(self.db, self.settings, lost=orphaned, time_limits=False)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -519,37 +355,29 @@ class WorkerSupervisor:
                 logger.exception("worker supervision failed; retrying")
 
     def check(self) -> None:
-        """One pass: enforce time limits, replace dead workers."""
-        now = utcnow()
-        with self.db.session() as session:
-            running = session.scalars(
-                select(Job).where(Job.state == JobState.RUNNING, Job.worker_id.in_(list(self._procs)))
-            ).all()
-            for job in running:
-                pipeline = self.settings.pipelines.get(job.pipeline)
-                limit = pipeline.time_limit_s if pipeline else 900.0
-                if job.started_at is not None and now - job.started_at > timedelta(seconds=limit):
-                    proc = self._procs.get(job.worker_id or "")
-                    if proc is not None and proc.is_alive():
-                        proc.kill()
-                        proc.join(10)
-                    job.state = JobState.FAILED
-                    job.finished_at = now
-                    job.failure_kind = "timeout"
-                    job.reason = (
-                        f"stopped after {limit:g} s: the job exceeded its pipeline's time limit "
-                        f"(pipelines.{job.pipeline}.time_limit_s); the worker was restarted"
-                    )
-                    logger.warning("job %d FAILED: %s", job.id, job.reason)
-        for worker_id, proc in list(self._procs.items()):
-            if proc.is_alive() or self._stop.is_set():
-                continue
-            code = proc.exitcode
-            with self.db.session() as session:
-                for job in session.scalars(
-                    select(Job).where(Job.state == JobState.RUNNING, Job.worker_id == worker_id)
-                ):
-                    self._retry_or_fail(job, f"its worker process died (exit code {code})")
+        """One pass: enforce time limits, re-queue the job of a worker that died, replace dead workers."""
+        dead = {
+            worker_id: proc.exitcode
+            for worker_id, proc in self._procs.items()
+            if not proc.is_alive() and not self._stop.is_set()
+        }
+
+        def died(job: RunningJob) -> Lost | None:
+            worker_id = job.worker_id or ""
+            return Lost(f"its worker process died (exit code {dead[worker_id]})") if worker_id in dead else None
+
+        def kill(job: RunningJob) -> str:
+            worker_id = job.worker_id or ""
+            proc = self._procs.get(worker_id)
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join(10)
+                if not proc.is_alive() and not self._stop.is_set():
+                    dead[worker_id] = proc.exitcode  # replaced below
+            return "the worker was restarted"
+
+        reap_jobs(self.db, self.settings, lost=died, workers=list(self._procs), stop_worker=kill)
+        for worker_id, code in dead.items():
             if code not in (0, -signal.SIGKILL):
                 logger.error("worker %s died with exit code %s; restarting it", worker_id, code)
             self._spawn(worker_id)
