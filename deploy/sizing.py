@@ -73,7 +73,7 @@ def measure(pipeline: str, threads: int, gpu: bool = False) -> dict[str, Any]:
     run_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     job = Job(pipeline=pipeline, route=pipeline, destinations=[])
-    built = build_outputs(settings, job, result, inputs, runner.manifest)
+    built, _ = build_outputs(settings, job, result, inputs, runner.manifest)
     outputs_s = time.perf_counter() - t0
     peak = _status_mb()
     weights = sum(p.stat().st_size for p in Path(spec.model).glob("*.safetensors"))

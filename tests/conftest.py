@@ -479,7 +479,7 @@ def made(sphere_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Made
     runner = RunnerCache()(str(sphere_package), False)
     result = runner.run({"image": series})
     job = Job(pipeline="spheres", route="spheres", destinations=["a", "b"])
-    built = build_outputs(settings, job, result, {"image": series}, runner.manifest)
+    built, _ = build_outputs(settings, job, result, {"image": series}, runner.manifest)
     assert sorted(b.kind.value for b in built) == ["KEY_IMAGE", "SEG", "SEG_LABELMAP", "SR"]
     return Made(series, built)
 

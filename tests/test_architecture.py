@@ -52,6 +52,7 @@ LAZY_BY_INTENT: dict[tuple[str, str], str] = {
     ("pacs_node.process.results", "inference.outputs.seg"): "highdicom loads only in worker processes",
     ("pacs_node.process.results", "inference.outputs.sr"): "highdicom loads only in worker processes",
     ("pacs_node.process.results", "inference.outputs.notice"): "highdicom loads only in worker processes",
+    ("pacs_node.process.results", "inference.segments"): "SimpleITK and scipy load only in worker processes",
     # celery and kombu load only in distributed mode
     ("pacs_node.process.distributed", "pacs_node.process.celery_app"): "celery loads only with queue.backend celery",
     ("pacs_node.app.service", "pacs_node.process.distributed"): "celery loads only with queue.backend celery",

@@ -49,8 +49,12 @@ def test_demo_table_and_dice_against_the_phantom_truth(demo_run: DemoRun) -> Non
     dentate = demo_run.results["dentate"]
     assert dentate.dice["Left dentate nucleus"] >= 0.8 and dentate.dice["Right dentate nucleus"] >= 0.8
     kidney = demo_run.results["kidney"]
-    assert kidney.dice["kidney"] >= 0.85 and kidney.dice["Renal parenchyma"] >= 0.8
-    assert kidney.dice["Right kidney"] >= 0.8 and kidney.dice["Left kidney"] >= 0.8
+    assert kidney.dice["kidney"] >= 0.85
+    for side in ("Right", "Left"):
+        # each segment against the same segment built from the phantom truth: whole kidney per side, its parenchyma
+        assert kidney.dice[f"{side} kidney"] >= 0.8 and kidney.dice[f"{side} renal parenchyma"] >= 0.8
+    # the tumour is not validated by the model card: it did not go to the PACS, so no Dice is claimed for it
+    assert not any("tumour" in name for name in kidney.dice)
     for r in demo_run.results.values():
         assert r.seconds["total"] > 0 and r.seconds["inference"] > 0
     assert (demo_run.folder / "demo.json").is_file()

@@ -46,10 +46,11 @@ class SegVolume:
         self.voxel_ml = row_mm * col_mm * step / 1000.0
         self.pixel_mm = (row_mm, col_mm)
         pixels = ds.pixel_array.reshape(len(frames), int(ds.Rows), int(ds.Columns)).astype(bool)
-        self.frames = [
-            (int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber), positions[k], pixels[k])
-            for k, f in enumerate(frames)
-        ]
+        def segment_of(frame: object) -> int:  # per frame, or shared when the SEG has one segment
+            item = frame if "SegmentIdentificationSequence" in frame else shared  # type: ignore[operator]
+            return int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)  # type: ignore[attr-defined]
+
+        self.frames = [(segment_of(f), positions[k], pixels[k]) for k, f in enumerate(frames)]
 
     def voxels(self, number: int) -> int:
         return int(sum(int(p.sum()) for n, _, p in self.frames if n == number))

@@ -104,12 +104,13 @@ def test_done_job_stores_seg_sr_and_key_image_in_the_source_study(
         png = by_kind[OutputKind.KEY_IMAGE].png_path
         assert png and (h.settings.data_dir / png).read_bytes().startswith(b"\x89PNG")
 
-        # One delivery per output and destination, with the SEG type each destination asked for.
+        # One delivery per output and destination, with the SEG type each destination asked for
+        # (a LABELMAP destination also gets the BINARY SEG that the SR references).
         by_id = _by_id(h)
         wanted = {(d.destination, by_id[d.output_id].kind.value) for d in _deliveries(h)}
         assert wanted == {
             ("pacs", "SEG"), ("pacs", "SR"), ("pacs", "KEY_IMAGE"),
-            ("viewer", "SEG_LABELMAP"), ("viewer", "SR"), ("viewer", "KEY_IMAGE"),
+            ("viewer", "SEG_LABELMAP"), ("viewer", "SEG"), ("viewer", "SR"), ("viewer", "KEY_IMAGE"),
         }  # fmt: skip
         assert {d.state for d in _deliveries(h)} == {DeliveryState.PENDING}
 

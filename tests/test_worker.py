@@ -85,7 +85,7 @@ def test_worker_runs_jobs_and_survives_failures(
     assert ok.model_name == "test-spheres" and ok.model_version == "1.0.0"
     assert ok.model_checksums and all(len(v) == 64 for v in ok.model_checksums.values())
     assert {"load_model", "read_inputs", "preprocess", "predict", "postprocess", "total"} <= set(ok.timings or {})
-    labels = ok.metrics["labels"]  # type: ignore[index]
+    labels = ok.metrics["segments"]  # type: ignore[index]
     assert labels["1"]["volume_ml"] > labels["2"]["volume_ml"] > 0
     img = sitk.ReadImage(str(settings.data_dir / ok.result_path))  # type: ignore[operator]
     arr = sitk.GetArrayFromImage(img)
@@ -102,7 +102,7 @@ def test_worker_runs_jobs_and_survives_failures(
         [sys.executable, "-m", "pacs_node", "jobs", "show", str(ok.id)], capture_output=True, text=True, env=env
     )
     shown = json.loads(out.stdout)
-    assert shown["state"] == "DONE" and shown["metrics"]["labels"]["1"]["name"] == "Left sphere"
+    assert shown["state"] == "DONE" and shown["metrics"]["segments"]["1"]["name"] == "Left sphere"
     series_uid = ok.inputs["image"]
     out = subprocess.run(
         [sys.executable, "-m", "pacs_node", "jobs", "rerun", "--series", series_uid],

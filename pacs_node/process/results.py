@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from sqlalchemy import select, update
@@ -52,13 +52,17 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def seg_kinds(settings: Settings, destinations: Sequence[str], route: str | None = None) -> list[OutputKind]:
-    """SEG types the job's destinations (and its route's return to sender) want (BINARY when none asks otherwise)."""
-    kinds: list[OutputKind] = []
-    for _name, seg_type in delivery_targets(settings, destinations, route):
-        kind = OutputKind.SEG_LABELMAP if seg_type == "labelmap" else OutputKind.SEG
-        if kind not in kinds:
-            kinds.append(kind)
-    return kinds or [OutputKind.SEG]
+    """SEG types to build: always the BINARY SEG (the SR references it; only it carries overlapping
+    segments), and the LABELMAP SEG when a destination (or the route's return to sender) asks for one."""
+    kinds = [OutputKind.SEG]
+    if any(seg_type == "labelmap" for _name, seg_type in delivery_targets(settings, destinations, route)):
+        kinds.append(OutputKind.SEG_LABELMAP)
+    return kinds
+
+
+def include_unvalidated(settings: Settings, route: str | None) -> bool:
+    """Whether the job's route asks for the segments a model card does not validate."""
+    return any(r.name == route and r.include_unvalidated for r in settings.routes)
 
 
 def build_outputs(
@@ -67,18 +71,25 @@ def build_outputs(
     result: SegmentationResult,
     inputs: dict[str, list[Dataset]],
     manifest: Manifest,
-) -> list[BuiltOutput]:
-    """SEG(s), the TID 1500 SR and the key image for a DONE job.
+) -> tuple[list[BuiltOutput], dict[str, Any]]:
+    """SEG(s), the TID 1500 SR and the key image for a DONE job, and the metrics they report.
 
     ``result`` is what the model produced from ``inputs``, the datasets the job
-    read, by role; ``manifest`` the model package's manifest.
+    read, by role; ``manifest`` the model package's manifest. Segments the model
+    card does not validate are left out unless the job's route includes them
+    (:func:`inference.segments.for_output`); the metrics returned are those of the
+    segments sent, numbered as the SEG numbers them, for the job's record.
     """
     from inference.outputs.common import ResultIdentity
     from inference.outputs.keyimage import build_key_image_sc, compose_key_image, png_bytes
     from inference.outputs.seg import build_seg
     from inference.outputs.sr import build_sr
+    from inference.segments import for_output
 
     out = settings.outputs
+    segments, metrics = for_output(
+        result.segments, result.metrics, include_unvalidated=include_unvalidated(settings, job.route)
+    )
     identity = ResultIdentity.of(
         (str(ds.SOPInstanceUID) for datasets in inputs.values() for ds in datasets),
         job.pipeline,
@@ -86,10 +97,8 @@ def build_outputs(
         manifest.version,
     )
     sources = inputs[manifest.reference]
-    kinds = seg_kinds(settings, job.destinations or [], job.route)  # never empty
-    segs: dict[OutputKind, Dataset] = {}
-    for kind in kinds:
-        segs[kind] = build_seg(
+    segs = {
+        kind: build_seg(
             result.labels,
             sources,
             manifest,
@@ -98,18 +107,21 @@ def build_outputs(
             node_version=__version__,
             seg_type="labelmap" if kind is OutputKind.SEG_LABELMAP else "binary",
             series_number=out.seg_series_number,
+            segments=segments,
         )
+        for kind in seg_kinds(settings, job.destinations or [], job.route)
+    }
     built = [BuiltOutput(kind, seg) for kind, seg in segs.items()]
-    seg_for_sr = segs.get(OutputKind.SEG, segs[kinds[0]])  # the SR references the binary SEG when there is one
     sr = build_sr(
-        seg_for_sr,
+        segs[OutputKind.SEG],  # the BINARY SEG: its segments are the full masks the SR measured
         sources,
-        result.metrics,
+        metrics,
         manifest,
         identity,
         pipeline=job.pipeline,
         node_version=__version__,
         series_number=out.sr_series_number,
+        segments=segments,
     )
     built.append(BuiltOutput(OutputKind.SR, sr))
     if out.key_image:
@@ -118,9 +130,10 @@ def build_outputs(
             image,
             result.labels,
             manifest,
-            result.metrics,
+            metrics,
             title=f"AI {job.pipeline}: {manifest.name} {manifest.version}",
             demo=manifest.demo,
+            segments=segments,
         )
         sc = build_key_image_sc(
             key,
@@ -132,7 +145,7 @@ def build_outputs(
             series_number=out.key_image_series_number,
         )
         built.append(BuiltOutput(OutputKind.KEY_IMAGE, sc, png=png_bytes(key)))
-    return built
+    return built, metrics
 
 
 def store_outputs(

@@ -151,7 +151,7 @@ def execute_job(
         label_path = out_dir / "labels.nii.gz"
         result.save_labels(label_path)
         t2 = time.perf_counter()
-        built = build_outputs(settings, job, result, inputs, runner.manifest)
+        built, metrics = build_outputs(settings, job, result, inputs, runner.manifest)
         timings: dict[str, float] = {}
 
         def finish(session: Session) -> None:
@@ -163,7 +163,7 @@ def execute_job(
                 session,
                 job_id,
                 job.worker_id,
-                metrics=result.metrics,
+                metrics=metrics,
                 timings=timings,
                 model_name=result.model["name"],
                 model_version=result.model["version"],
