@@ -46,6 +46,7 @@ class SegVolume:
         self.voxel_ml = row_mm * col_mm * step / 1000.0
         self.pixel_mm = (row_mm, col_mm)
         pixels = ds.pixel_array.reshape(len(frames), int(ds.Rows), int(ds.Columns)).astype(bool)
+
         def segment_of(frame: object) -> int:  # per frame, or shared when the SEG has one segment
             item = frame if "SegmentIdentificationSequence" in frame else shared  # type: ignore[operator]
             return int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)  # type: ignore[attr-defined]
