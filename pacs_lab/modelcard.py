@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inference.manifest import ModelPackage
+from inference.manifest import Manifest, ModelPackage
 from pacs_lab.evaluation import format_table
 
-__all__ = ["PUBLISHED", "write_model_card"]
+__all__ = ["PUBLISHED", "label_and_segment_tables", "write_model_card"]
 
 #: what the source studies reported, for the comparison paragraph (phantom results are not comparable)
 PUBLISHED = {
@@ -34,6 +34,31 @@ PUBLISHED = {
         "CT and MR together, and that adding CT data helped the MR results compared with MR-only training."
     ),
 }
+
+
+def label_and_segment_tables(m: Manifest) -> list[str]:
+    """The network's labels, then the segments the outputs carry (what the SEG draws and the SR measures),
+    with what the card validates: a segment marked not validated is left out of what goes to the PACS."""
+    lines = ["| label | name | type (code) | colour |", "|---|---|---|---|"]
+    for value, spec in sorted(m.labels.items()):
+        code = f"{spec.type.meaning} ({spec.type.scheme} {spec.type.value})"
+        lines.append(f"| {value} | {spec.name} | {code} | {tuple(spec.color)} |")
+    lines += [
+        "",
+        "Segments sent to the PACS (SEG segment, SR group), each measured on its own voxels:",
+        "",
+        "| # | segment | labels | side | anatomy | plausible mL | validated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for number, seg in enumerate(m.output_segments, start=1):
+        plausible = f"{seg.plausible_ml[0]:g}-{seg.plausible_ml[1]:g}" if seg.plausible_ml else ""
+        anatomy = seg.anatomy.meaning if seg.anatomy else seg.type.meaning
+        validated = "yes" if seg.validated else "**no**: not sent unless a route sets `include_unvalidated`"
+        labels = ", ".join(str(v) for v in (*seg.labels, *seg.grow_into))
+        lines.append(
+            f"| {number} | {seg.name} | {labels} | {seg.laterality or ''} | {anatomy} | {plausible} | {validated} |"
+        )
+    return lines
 
 
 def write_model_card(folder: str | Path, record: dict[str, Any], recipe: Any) -> Path:
@@ -65,10 +90,7 @@ def write_model_card(folder: str | Path, record: dict[str, Any], recipe: Any) ->
     for i, c in enumerate(m.inputs):
         b = "" if c.b_value is None else f"{c.b_value:g}"
         lines.append(f"| {i} | {c.role} | {b} | {'yes' if c.optional else 'no'} |")
-    lines += ["", "| label | name | SNOMED CT type | colour |", "|---|---|---|---|"]
-    for value, spec in sorted(m.labels.items()):
-        lines.append(f"| {value} | {spec.name} | {spec.type.value} {spec.type.meaning} | {tuple(spec.color)} |")
-    lines += ["", "## Stages", ""]
+    lines += ["", *label_and_segment_tables(m), "", "## Stages", ""]
     for stage in m.stages:
         mod = stage.model
         crop = f", on crops of `{stage.crop.from_stage}` (+{stage.crop.margin_mm:g} mm)" if stage.crop else ""
