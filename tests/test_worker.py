@@ -21,6 +21,7 @@ from pacs_lab.synthetic import make_oriented_series, write_series
 from pacs_node.config import Settings
 from pacs_node.deliver.scu import send_files
 from pacs_node.process.jobs import claim_next
+from pacs_node.process.worker import RunnerCache
 from storage.db import Database
 from storage.models import Job, JobState, Study
 from tests.conftest import wait_for
@@ -155,3 +156,21 @@ def test_claim_takes_stat_first_and_only_once(tmp_path: Path) -> None:
         prios = [s.get(Job, i).priority for i in order if i is not None]  # type: ignore[union-attr]
     assert prios == ["stat", "normal", "normal", "low"] and order[-1] is None
     db.dispose()
+
+
+def test_preload_loads_and_warms_every_pipeline_model_before_the_first_job(
+    make_settings: Callable[..., Settings], sphere_package: Path, tmp_path: Path, caplog: Any
+) -> None:
+    config = _config(sphere_package)
+    config["pipelines"]["missing"] = {"model": str(tmp_path / "nowhere"), "inputs": {"image": {}}}
+    settings = make_settings(config)
+    assert settings.worker.preload  # the default
+    runners = RunnerCache()
+    with caplog.at_level("INFO"):
+        runners.preload(settings)
+    # the sphere model is loaded (the next lookup is the same object) and warmed up; the missing one is
+    # reported, and the worker starts all the same (its job will fail with the reason)
+    loaded = runners(str(sphere_package), True)
+    assert runners(str(sphere_package), True) is loaded
+    assert any("warmed up" in r.getMessage() for r in caplog.records)
+    assert any("missing" in r.getMessage() and "not preloaded" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import os
 import re
 import urllib.parse
@@ -31,7 +32,11 @@ from pydantic import (
 
 from pacs_node.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "PACS_NODE_"
+#: Host names that mean this machine.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1-16
 _DEST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # fits delivery.destination; never "@sender"
@@ -208,6 +213,11 @@ class WorkerSettings(_Frozen):
     processes: int = Field(1, ge=0, le=64, description="worker processes; 0 runs no inference in serve")
     poll_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(2, ge=1, description="runs of a job whose worker died before it is failed")
+    preload: bool = Field(
+        True,
+        description="load every pipeline's model (and torch) when a worker starts and run one warm-up "
+        "prediction, so that the first job of the day is as fast as the next",
+    )
 
 
 _GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -454,6 +464,20 @@ class DimseDestination(_Frozen):
         return None if v is None else _check_ae(v)
 
 
+def is_loopback_literal(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address as written (``localhost``, ``127.0.0.2``, ``[::1]``).
+
+    No DNS lookup: at load a name may not resolve yet, and a Host header is only the client's word.
+    """
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class SecretUnavailable(ConfigError):
     """A destination's secret file or environment variable cannot be read; names the key."""
 
@@ -481,6 +505,12 @@ class DicomwebDestination(_Frozen):
     ``password_env``; ``auth: bearer`` takes the token from ``token_file`` or
     ``token_env``. Files are read at each request (a rotated token is picked
     up); environment variables when the settings are loaded.
+
+    A secret is never sent in clear text to another machine: ``auth: basic`` or
+    ``bearer`` with an ``http://`` URL is refused unless the host is a loopback
+    address (``localhost``, ``127.x.x.x``, ``[::1]``) or ``allow_insecure: true``
+    says so (then a warning is logged at every load and the conformance
+    statement and the dashboard show it).
     """
 
     type: Literal["dicomweb"]
@@ -494,6 +524,11 @@ class DicomwebDestination(_Frozen):
     token_env: str | None = Field(None, description="environment variable holding the bearer token (auth: bearer)")
     verify: bool = Field(True, description="verify the server's TLS certificate (keep on)")
     ca_file: Path | None = Field(None, description="PEM CA certificates to trust; default: the system's")
+    allow_insecure: bool = Field(
+        False,
+        description="send the password or token over plain http:// to a non-loopback host "
+        "(only on a network you trust; prefer https://)",
+    )
 
     _env_secret: str | None = PrivateAttr(None)
     _env_present: bool = PrivateAttr(False)
@@ -529,7 +564,26 @@ class DicomwebDestination(_Frozen):
             raise ValueError("username: needed for auth: basic")
         if self.auth != "basic" and self.username is not None:
             raise ValueError("username: only used with auth: basic")
+        if self.secret_in_clear:
+            what = "password" if self.auth == "basic" else "bearer token"
+            host = urllib.parse.urlsplit(self.url).hostname
+            if not self.allow_insecure:
+                raise ValueError(
+                    f"url: an http:// URL would send the {what} to {host} in clear text; use https://, "
+                    "or set allow_insecure: true (only on a network you trust)"
+                )
+            logger.warning(
+                "destination %s: the %s goes to %s over plain http (allow_insecure: true)", self.url, what, host
+            )
         return self
+
+    @property
+    def secret_in_clear(self) -> bool:
+        """Whether a password or token goes over plain ``http://`` to a host that is not this machine."""
+        if self.auth == "none":
+            return False
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.scheme == "http" and not is_loopback_literal(parts.hostname or "")
 
     def secret(self, name: str = "destination") -> str | None:
         """The password (basic) or token (bearer); ``None`` for ``auth: none``.

@@ -317,6 +317,9 @@ def run_worker(
             import torch
 
             torch.set_num_threads(threads)
+        if settings.worker.preload:  # the models of this worker's queues, loaded and warm before the first job
+            mine = [p for p in settings.pipelines if q.group_of(p) in groups]
+            _process_context(settings).runners.preload(settings, pipelines=mine)
 
     def _ready(**_: Any) -> None:
         logger.info(

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -254,6 +254,25 @@ class RunnerCache:
             self._runners[key] = runner
         return runner
 
+    def preload(self, settings: Settings, *, pipelines: Sequence[str] | None = None) -> None:
+        """Load every configured pipeline's model (or those of ``pipelines``) and warm it up (``worker.preload``).
+
+        A model that cannot be loaded is logged and left for its first job, which then
+        fails with the reason; the worker starts all the same.
+        """
+        from inference.errors import InferenceError, ModelPackageError
+
+        for name, pipeline in settings.pipelines.items():
+            if pipelines is not None and name not in pipelines:
+                continue
+            try:
+                runner = self(pipeline.model, pipeline.device != "cpu")
+                warm_up = getattr(runner, "warm_up", None)
+                if callable(warm_up):
+                    warm_up()
+            except (ModelPackageError, InferenceError, OSError, RuntimeError) as exc:
+                logger.warning("pipeline %s: model %s not preloaded: %s", name, pipeline.model, exc)
+
 
 def worker_loop(
     settings: Settings, worker_id: str, stop: threading.Event, *, runner_for: RunnerFactory | None = None
@@ -263,6 +282,8 @@ def worker_loop(
     db = Database(settings.db_url)
     store = open_store(settings)
     runners = runner_for or RunnerCache()
+    if settings.worker.preload and isinstance(runners, RunnerCache):
+        runners.preload(settings)
     logger.info("worker %s ready", worker_id)
     try:
         while not stop.is_set():
