@@ -22,7 +22,7 @@ from sqlalchemy import select
 from pacs_node.app.service import Node
 from pacs_node.config import Settings
 from pacs_node.deliver.scu import send_files
-from pacs_node.web.auth import SESSION_COOKIE, session_value
+from pacs_node.web.auth import SESSION_COOKIE
 from storage.models import Delivery, DeliveryState, Job, JobState
 from tests.conftest import FAST_DISPATCH, Env, Made, RecordingSCP, dimse, free_port, wait_for
 from tests.http_support import http_node
@@ -224,7 +224,7 @@ def test_dashboard_asks_for_the_token_and_shows_no_patient_data_before(
         wait_for(lambda: _state(env, delivery_id) is DeliveryState.PENDING, timeout=20, what="the delivery re-queued")
 
         # The session cannot be used by another site, nor replace the token for scripts' origin-less posts.
-        session = {SESSION_COOKIE: session_value(TOKEN)}
+        session = {SESSION_COOKIE: cookie["value"]}
         for headers in ({"Origin": "http://evil.example"}, {}):
             r = httpx.post(f"{base}/api/deliveries/{delivery_id}/cancel", cookies=session, headers=headers)
             assert r.status_code == 403, (headers, r.status_code)
@@ -235,6 +235,10 @@ def test_dashboard_asks_for_the_token_and_shows_no_patient_data_before(
         page.wait_for_url("**/ui/login")
         page.goto(base + "/ui/studies")
         assert "/ui/login" in page.url and PATIENT not in page.content()
+        # Logging out ended the session on the server: a copy of its cookie, replayed, opens nothing.
+        r = httpx.get(base + "/api/studies", cookies=session)
+        assert r.status_code == 401 and PATIENT not in r.text
+        assert httpx.get(base + "/ui/studies", cookies=session).status_code == 303
 
 
 def _reads_well_login(page: Any, out: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pacs_node.common.header import HeaderError, NotDicomError, header_from_dataset, header_from_file
 from pacs_node.config import Settings, settings_from_mapping
 from pacs_node.config.rules import (
+    MAX_MATCHED_VALUES,
+    MAX_PATTERN_LENGTH,
     NODE_MANUFACTURER,
     CompiledRules,
     compile_matcher,
     compile_settings,
     is_localizer_name,
     loop_guard,
+    match_length,
 )
 from pacs_node.errors import ConfigError, RuleError
 from pacs_node.route.tester import rules_report
@@ -428,6 +432,76 @@ def test_bad_ae_regex_is_reported_at_load() -> None:
     data["routes"][0]["calling_ae"] = "MR[0-9"
     with pytest.raises(ConfigError, match=r"routes\[0\]\.calling_ae"):
         settings_from_mapping(data)
+
+
+# -- regular expressions are bounded in time ----------------------------------------------------
+# Python's re backtracks, holds the GIL and cannot be interrupted: one catastrophic pattern on one crafted
+# header would stop the router (and every thread of the node) for minutes or forever.
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("(a+)+$", "could take too long"),
+        ("(a|a)*b", "could take too long"),
+        ("(dwi|trace)+", "could take too long"),
+        ("(x+x+)+y", "could take too long"),
+        (".*a.*a.*a.*a.*b", "could take too long"),
+        (r"\w*\w*\w*\w*\w*\w*b", "could take too long"),
+        ("(.*a){10}", "could take too long"),
+        (r"(a)\1", "uses backreferences"),
+        ("a" * (MAX_PATTERN_LENGTH + 1), f"rules take patterns of up to {MAX_PATTERN_LENGTH}"),
+    ],
+)
+def test_catastrophic_patterns_are_refused_when_the_rules_load(pattern: str, why: str) -> None:
+    with pytest.raises(RuleError) as info:
+        compile_matcher({"SeriesDescription": pattern}, "routes[0].match")
+    assert str(info.value).startswith("routes[0].match.SeriesDescription: "), str(info.value)
+    assert why in str(info.value)
+    data = copy.deepcopy(CONFIG)
+    data["routes"][0]["calling_ae"] = pattern
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.calling_ae: "):
+        settings_from_mapping(data)
+
+
+def test_patterns_that_are_allowed_answer_quickly_on_the_worst_values() -> None:
+    """Patterns near the bound, and the defaults' most complex one, on values crafted to make a backtracking
+    matcher try every split, at the longest length the attribute is matched at."""
+    length = match_length("SeriesDescription")
+    assert length == 64 and match_length("ImageComments") == 1024 and match_length("Modality") == 64
+    patterns = [
+        ".*(t2.*(fs|spair|spir|fat.?sat|stir)|(fs|spair|spir|stir).*t2).*",
+        ".*a.*a.*b",
+        "a*a*a*b",
+        r"\w*\w*\w*b",
+        "a{0,60}a{0,60}a{0,60}x",
+        "(.*a|.*b|.*c)(.*a|.*b|.*c).*x",
+        "(.*a){3}x",
+    ]
+    values = ["a" * length, "ab" * (length // 2), "t2" * (length // 2), "a" * (length - 1) + "\n"]
+    for pattern in patterns:
+        matcher = compile_matcher({"SeriesDescription": pattern})
+        for value in values:
+            start = time.perf_counter()
+            matcher.evaluate({"SeriesDescription": value})
+            took = time.perf_counter() - start
+            assert took < 1.0, f"{pattern!r} on {value[:10]!r}...: {took:.2f} s"
+
+
+def test_values_beyond_the_bound_fail_without_being_matched() -> None:
+    matcher = compile_matcher({"SeriesDescription": ".*dwi.*", "ImageType": "TRACEW"})
+    start = time.perf_counter()
+    result = matcher.evaluate({"SeriesDescription": "dwi" + "a" * 10**6, "ImageType": ["X"] * 10**5 + ["TRACEW"]})
+    assert time.perf_counter() - start < 0.5
+    assert not result.matched
+    assert result.failures == [
+        "SeriesDescription has a value of 1000003 characters, longer than the 64 a pattern is tried on for it, "
+        "so it does not match '.*dwi.*'",
+        f"ImageType has 100001 values, more than the {MAX_MATCHED_VALUES} a pattern is tried on, "
+        "so it does not match 'TRACEW'",
+    ]
+    # at the bound they are matched as always
+    assert matcher.evaluate({"SeriesDescription": "dwi" + "a" * 61, "ImageType": ["X"] * 15 + ["TRACEW"]}).matched
 
 
 # -- loop guard ---------------------------------------------------------------------------------

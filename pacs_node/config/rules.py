@@ -25,12 +25,24 @@ those reasons for the series in a folder.
 
 Before any rule, :func:`loop_guard` keeps localizers, secondary captures,
 non-image objects and everything pacs-node produced itself out of the pipelines.
+
+Regular expressions are bounded so that no header can make one run for long
+(Python's ``re`` backtracks, holds the GIL while it does, and cannot be
+interrupted): a pattern is at most :data:`MAX_PATTERN_LENGTH` characters, and
+its worst case on a value of the attribute's longest length
+(:func:`match_length`) is estimated when it compiles (:func:`regex_problem`);
+one whose estimate exceeds :data:`MAX_REGEX_COST` steps, as nested or stacked
+repeats such as ``(a+)+``, ``(x|y)*`` or ``.*a.*a.*a.*a`` do, is refused with
+its location. A value longer than that length, or a multi-valued attribute
+with more than :data:`MAX_MATCHED_VALUES` values, fails a regex condition
+(with that reason) without being matched.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import logging
 import math
 import operator
@@ -123,6 +135,24 @@ _IDENTIFYING_KEYWORDS = frozenset(
     }
 )
 _MAX_SHOWN = 80
+
+MAX_PATTERN_LENGTH = 256
+"""Longest regular expression a condition may hold."""
+MAX_MATCHED_LENGTH = 1024
+"""Longest value any regex condition is tried on (attributes of longer VRs included)."""
+MAX_MATCHED_VALUES = 16
+"""Most values of a multi-valued attribute a regex condition is tried on."""
+MAX_REGEX_COST = 10**7
+"""Largest worst-case estimate (:func:`regex_problem`) of a pattern: a few hundred milliseconds at most (measured)."""
+_MIN_MATCHED_LENGTH = 64
+# Longest value of a VR in characters (PS3.5 Table 6.2-1); others (LT, UT, UC, UR, unknown) get MAX_MATCHED_LENGTH.
+_VR_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 18, "DS": 16, "DT": 54, "IS": 12, "LO": 64, "PN": 194, "SH": 16}
+_VR_LENGTH.update({"ST": 1024, "TM": 28, "UI": 64, "US": 5, "SS": 6, "UL": 10, "SL": 11, "FL": 24, "FD": 24})
+# The parser of the re module (private: re._parser from 3.11, sre_parse before); used only to estimate cost.
+try:
+    _sre_parser: Any = importlib.import_module("re._parser")
+except ImportError:  # pragma: no cover - Python 3.10
+    _sre_parser = importlib.import_module("sre_parse")
 
 
 # -- results ---------------------------------------------------------------------
@@ -297,9 +327,10 @@ class _Condition(ABC):
 
 
 class _Regex(_Condition):
-    def __init__(self, text: str, pattern: re.Pattern[str]) -> None:
+    def __init__(self, text: str, pattern: re.Pattern[str], max_length: int = MAX_MATCHED_LENGTH) -> None:
         self.text = text
         self.pattern = pattern
+        self.max_length = max_length
 
     def describe(self) -> str:
         return _quote(self.text)
@@ -307,7 +338,26 @@ class _Regex(_Condition):
     def _hit(self, value: Any) -> bool:
         return any(self.pattern.fullmatch(t) for t in _regex_texts(value))
 
+    def _unmatchable(self, keyword: str, value: Any) -> str | None:
+        """Why the value is not tried at all: too many values, or one too long (the pattern's cost bound)."""
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        if len(items) > MAX_MATCHED_VALUES:
+            return (
+                f"{keyword} has {len(items)} values, more than the {MAX_MATCHED_VALUES} a pattern is tried on, "
+                f"so it does not match {self.describe()}"
+            )
+        longest = max(len(t) for item in items for t in _regex_texts(item))
+        if longest > self.max_length:
+            return (
+                f"{keyword} has a value of {longest} characters, longer than the {self.max_length} a pattern is "
+                f"tried on for it, so it does not match {self.describe()}"
+            )
+        return None
+
     def test(self, keyword: str, value: Any) -> tuple[bool, str]:
+        refused = self._unmatchable(keyword, value)
+        if refused is not None:
+            return False, refused
         shown = _fmt(keyword, value)
         if isinstance(value, list | tuple):
             for item in value:
@@ -549,12 +599,8 @@ def _compile_condition(key: str, raw: Any, loc: str, errors: list[str], *, in_li
         if raw == "":
             errors.append(f"{loc}: an empty pattern never matches a present value (use false to require absence)")
             return None
-        try:
-            pattern = re.compile(raw, re.IGNORECASE)
-        except re.error as exc:
-            errors.append(f"{loc}: invalid regular expression {raw!r}: {exc}")
-            return None
-        return _Regex(raw, pattern)
+        pattern = _compile_regex(raw, match_length(key), loc, errors)
+        return _Regex(raw, pattern, match_length(key)) if pattern is not None else None
     if isinstance(raw, list | tuple):
         if in_list:
             errors.append(f"{loc}: lists of conditions cannot be nested")
@@ -662,11 +708,86 @@ def compile_matcher(matcher: Mapping[str, Any], location: str = "match") -> Comp
 def _compile_ae(pattern: str | None, loc: str, errors: list[str]) -> re.Pattern[str] | None:
     if pattern is None:
         return None
+    return _compile_regex(pattern, _MIN_MATCHED_LENGTH, loc, errors)
+
+
+def _compile_regex(text: str, max_length: int, loc: str, errors: list[str]) -> re.Pattern[str] | None:
+    """A case-insensitive pattern, or None with the problem in ``errors`` (invalid, or unbounded in time)."""
     try:
-        return re.compile(pattern, re.IGNORECASE)
+        pattern = re.compile(text, re.IGNORECASE)
     except re.error as exc:
-        errors.append(f"{loc}: invalid regular expression {pattern!r}: {exc}")
+        errors.append(f"{loc}: invalid regular expression {text!r}: {exc}")
         return None
+    problem = regex_problem(text, max_length)
+    if problem is not None:
+        errors.append(f"{loc}: {problem}")
+        return None
+    return pattern
+
+
+def match_length(keyword: str) -> int:
+    """Longest value (in characters) a regex condition on ``keyword`` is tried on: the longest its VR allows,
+    at least 64 (some writers overrun short VRs) and at most :data:`MAX_MATCHED_LENGTH`."""
+    entry = _keyword_table().get(keyword)
+    vr_length = _VR_LENGTH.get(entry[0], MAX_MATCHED_LENGTH) if entry else MAX_MATCHED_LENGTH
+    return min(max(vr_length, _MIN_MATCHED_LENGTH), MAX_MATCHED_LENGTH)
+
+
+class _TooCostly(Exception):
+    """A construct that has no bound (a backreference)."""
+
+
+def _log_cost(items: Any, length: int) -> float:
+    """log10 of how many ways, at worst, a backtracking matcher may try to fit ``items`` (a parsed
+    (sub)pattern) to a value of ``length`` characters: repeats multiply by how many counts they can take
+    (their subpattern's ways to that power), alternatives add up."""
+    total = 0.0
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = av
+            high = min(high, length)
+            inner = _log_cost(sub, length)
+            spread = max(1, high - low + 1)
+            total += math.log10(spread) + (high * inner if inner > 0 else 0.0)
+        elif name == "SUBPATTERN":
+            total += _log_cost(av[-1], length)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            total += _log_cost(av[1], length)
+        elif name == "ATOMIC_GROUP":
+            total += _log_cost(av, length)
+        elif name == "BRANCH":
+            costs = [_log_cost(alt, length) for alt in av[1]]
+            total += max(costs) + math.log10(len(costs))
+        elif name.startswith("GROUPREF"):
+            raise _TooCostly("backreferences (\\1, (?P=name), (?(1)...)) are not supported in rules")
+    return total
+
+
+def regex_problem(text: str, max_length: int = MAX_MATCHED_LENGTH) -> str | None:
+    """Why a rule's regular expression could run too long, or None when it is bounded.
+
+    The worst case is estimated on a value of ``max_length`` characters (:func:`_log_cost`): a pattern
+    above :data:`MAX_REGEX_COST` ways, or longer than :data:`MAX_PATTERN_LENGTH`, or with a backreference,
+    is refused. The estimate is pessimistic for patterns whose repeats are separated by literal text.
+
+    Raises:
+        re.error: ``text`` is not a valid pattern.
+    """
+    if len(text) > MAX_PATTERN_LENGTH:
+        return f"the pattern is {len(text)} characters long; rules take patterns of up to {MAX_PATTERN_LENGTH}"
+    try:
+        log_cost = _log_cost(_sre_parser.parse(text, re.IGNORECASE), max_length)
+    except _TooCostly as exc:
+        return f"the pattern {_quote(text)} uses {exc}"
+    if log_cost > math.log10(MAX_REGEX_COST):
+        return (
+            f"the pattern {_quote(text)} could take too long on a {max_length}-character value "
+            f"(about 10^{log_cost:.0f} tries at worst, more than 10^{math.log10(MAX_REGEX_COST):.0f}): "
+            "avoid repeats inside repeats such as (a+)+ or (x|y)*, and many repeats in a row such as "
+            ".*a.*b.*c.*d; a repeat that only surrounds the pattern, as in .*(dwi|trace).*, is fine"
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,14 @@ T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
 
+#: Largest row id a request may name: the SQL ``INTEGER`` range of the id columns (larger ones overflow the driver).
+MAX_ID = 2**31 - 1
+#: Largest ``offset`` of a list (beyond the rows any node holds; larger ones overflow the driver).
+MAX_OFFSET = 2**31 - 1
+
+
 class FilterError(PacsNodeError):
-    """A filter value the query layer cannot use (an unknown state); the message lists the known values."""
+    """A filter value the query layer cannot use (an unknown state, a page out of range); the message says which."""
 
 
 @dataclass
@@ -42,8 +48,56 @@ class Page(Generic[T]):
         return max(1, -(-self.total // max(1, self.limit)))
 
 
+def parse_count(value: str | int | None, name: str, *, default: int, maximum: int) -> int:
+    """A whole number from 0 to ``maximum`` from a request parameter (``default`` when absent or empty).
+
+    Raises:
+        FilterError: not a whole number, or above ``maximum``; the message names ``name``.
+    """
+    if value is None:
+        return default
+    text = str(value).strip()
+    if not text:
+        return default
+    if not text.isascii() or not text.isdigit():
+        raise FilterError(f"{name} {text[:40]!r}: a whole number from 0 to {maximum}")
+    # thousands of digits: refused before int() spends time on them
+    if len(text.lstrip("0")) > len(str(maximum)) or int(text) > maximum:
+        raise FilterError(f"{name} {text[:20]}{'...' if len(text) > 20 else ''}: at most {maximum}")
+    return int(text)
+
+
+def parse_id(value: str | int, what: str) -> int:
+    """A row id from a request (1 to :data:`MAX_ID`).
+
+    Raises:
+        FilterError: not a whole number in that range; the message names ``what``.
+    """
+    number = parse_count(value, what, default=0, maximum=MAX_ID)
+    if number < 1:
+        raise FilterError(f"{what} {number}: ids start at 1")
+    return number
+
+
+def check_page(limit: int, offset: int) -> None:
+    """Refuse a page the database cannot be asked for.
+
+    Raises:
+        FilterError: a negative limit, or an offset outside 0 to :data:`MAX_OFFSET`.
+    """
+    if limit < 0:
+        raise FilterError(f"limit {limit}: must not be negative")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise FilterError(f"offset {offset}: a whole number from 0 to {MAX_OFFSET}")
+
+
 def fetch_page(session: Session, stmt: Any, order: Any, *, limit: int, offset: int = 0) -> tuple[int, list[Any]]:
-    """``(total, rows)``: how many rows ``stmt`` matches, and those from ``offset`` to ``offset + limit``."""
+    """``(total, rows)``: how many rows ``stmt`` matches, and those from ``offset`` to ``offset + limit``.
+
+    Raises:
+        FilterError: a page out of range (:func:`check_page`).
+    """
+    check_page(limit, offset)
     total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
     rows = list(session.scalars(stmt.order_by(order).offset(offset).limit(limit)))
     return int(total), rows

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from pacs_node import query
 from pacs_node.deliver.ledger import DeliveryNotFound, DeliveryStateError, cancel_delivery, retry_delivery
 from pacs_node.errors import PacsNodeError
+from pacs_node.query.base import MAX_OFFSET, parse_count, parse_id
 from storage.models import Job, JobState, utcnow
 
 logger = logging.getLogger(__name__)
@@ -36,19 +37,30 @@ class ApiError(PacsNodeError):
 
 
 def paging(params: dict[str, str], default: int = 50) -> tuple[int, int]:
-    """``(limit, offset)`` from query parameters.
+    """``(limit, offset)`` from query parameters (a limit above :data:`MAX_LIMIT` is cut to it).
 
     Raises:
-        ApiError: 400 for values that are not non-negative integers.
+        ApiError: 400 for values that are not whole numbers, or an offset above
+            :data:`pacs_node.query.base.MAX_OFFSET`.
     """
     try:
-        limit = int(params.get("limit", default))
-        offset = int(params.get("offset", 0))
-    except ValueError as exc:
-        raise ApiError("limit and offset must be integers", 400) from exc
-    if limit < 0 or offset < 0:
-        raise ApiError("limit and offset must not be negative", 400)
+        limit = parse_count(params.get("limit"), "limit", default=default, maximum=MAX_OFFSET)
+        offset = parse_count(params.get("offset"), "offset", default=0, maximum=MAX_OFFSET)
+    except query.FilterError as exc:
+        raise ApiError(str(exc), 400) from exc
     return min(limit, MAX_LIMIT), offset
+
+
+def row_id(value: str | int, what: str) -> int:
+    """A row id from the path or a parameter.
+
+    Raises:
+        ApiError: 400 for anything but a whole number from 1 to :data:`pacs_node.query.base.MAX_ID`.
+    """
+    try:
+        return parse_id(value, what)
+    except query.FilterError as exc:
+        raise ApiError(str(exc), 400) from exc
 
 
 def _envelope(page: query.Page[Any], items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -77,7 +89,11 @@ def _listed(
 
 def list_studies(session: Session, params: dict[str, str]) -> dict[str, Any]:
     """Studies, newest first; filters: ``patient_id``, ``patient_name`` (wildcards ``*``/``?``),
-    ``accession_number``, ``study_date`` (YYYYMMDD or a range A-B), ``study_uid``."""
+    ``accession_number``, ``study_date`` (YYYYMMDD or a range A-B), ``study_uid``.
+
+    Raises:
+        ApiError: 400 for bad paging values.
+    """
     limit, offset = paging(params)
     page = query.list_studies(
         session,
@@ -159,12 +175,9 @@ def list_deliveries_page(session: Session, params: dict[str, str]) -> dict[str, 
     """Deliveries, newest first; filters: ``state`` (comma-separated), ``destination``, ``study_uid``, ``job_id``.
 
     Raises:
-        ApiError: 400 for an unknown state or a job_id that is not an integer.
+        ApiError: 400 for an unknown state, a job_id that is not an id, or bad paging values.
     """
-    try:
-        job_id = int(params["job_id"]) if params.get("job_id") else None
-    except ValueError as exc:
-        raise ApiError("job_id must be an integer", 400) from exc
+    job_id = row_id(params["job_id"], "job_id") if params.get("job_id") else None
     page = _listed(query.list_deliveries, session, params, destination=params.get("destination"), job_id=job_id)
     return _envelope(page, [query.delivery_dict(r.delivery, r.output) for r in page.items])
 

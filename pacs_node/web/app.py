@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from pydicom import dcmread
 from sqlalchemy import select, text
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -35,6 +34,7 @@ from pacs_node.web.auth import LOOPBACK_ORIGIN_REGEX, AccessMiddleware
 from pacs_node.web.catalog import StoredInstance, find_instances
 from pacs_node.web.conformance import conformance_statement
 from pacs_node.web.context import DICOMWEB, HttpContext
+from pacs_node.web.dicomfile import HEAD_BYTES, NotDicomFile, read_file_meta
 from pacs_node.web.media import (
     DICOM_JSON,
     EXPLICIT_LE,
@@ -132,10 +132,11 @@ def _locate(request: Request) -> tuple[HttpContext, list[StoredInstance]]:
 
 
 def _file_syntax(path: Path) -> str | None:
+    """The Transfer Syntax UID in the file's meta information (read alone: a deflated data set is not inflated)."""
     try:
-        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
-        return str(meta.TransferSyntaxUID) if "TransferSyntaxUID" in meta else None
-    except Exception:  # unreadable: treated as not sendable
+        with open(path, "rb") as fh:
+            return read_file_meta(fh.read(HEAD_BYTES)).transfer_syntax
+    except (OSError, NotDicomFile):  # unreadable: treated as not sendable
         return None
 
 
@@ -439,9 +440,9 @@ def _params(request: Request) -> dict[str, str]:
     return dict(request.query_params.items())
 
 
-def _int_param(request: Request, name: str) -> int:
-    value: int = request.path_params[name]
-    return value
+def _row_id(request: Request, what: str) -> int:
+    """The ``{id:int}`` of the path (any number of digits: ids beyond the SQL range are 400s, not 500s)."""
+    return api.row_id(request.path_params["id"], what)
 
 
 def api_studies(request: Request) -> Response:
@@ -488,13 +489,13 @@ def api_jobs(request: Request) -> Response:
 def api_job(request: Request) -> Response:
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        return JSONResponse(api.job_detail(session, _int_param(request, "id")))
+        return JSONResponse(api.job_detail(session, _row_id(request, "job id")))
 
 
 def api_job_cancel(request: Request) -> Response:
     ctx = _ctx(request)
     with ctx.db.session() as session:
-        return JSONResponse(api.cancel_job(session, _int_param(request, "id")))
+        return JSONResponse(api.cancel_job(session, _row_id(request, "job id")))
 
 
 def api_deliveries(request: Request) -> Response:
@@ -506,14 +507,14 @@ def api_deliveries(request: Request) -> Response:
 def api_delivery(request: Request) -> Response:
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        return JSONResponse(api.delivery_detail(session, _int_param(request, "id")))
+        return JSONResponse(api.delivery_detail(session, _row_id(request, "delivery id")))
 
 
 def _delivery_action(action: str) -> Callable[[Request], Response]:
     def endpoint(request: Request) -> Response:
         ctx = _ctx(request)
         with ctx.db.session() as session:
-            result = api.act_on_delivery(session, _int_param(request, "id"), action)
+            result = api.act_on_delivery(session, _row_id(request, "delivery id"), action)
         return JSONResponse(result)
 
     return endpoint
@@ -628,7 +629,7 @@ def create_app(ctx: HttpContext) -> Starlette:
         middleware=[
             Middleware(ServerTiming),
             Middleware(CORSMiddleware, **cors),
-            Middleware(AccessMiddleware, token=ctx.token, http=http),
+            Middleware(AccessMiddleware, token=ctx.token, http=http, sessions=ctx.sessions),
         ],
         exception_handlers=handlers,
     )

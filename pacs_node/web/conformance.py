@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from pacs_node import __version__
 from pacs_node.common.dicomnet import VERIFICATION
-from pacs_node.config import Settings
+from pacs_node.config import DicomwebDestination, Settings
 from pacs_node.deliver.senders import sender_for
 from pacs_node.receive.scp import TRANSFER_SYNTAXES, storage_sop_classes
 
@@ -79,6 +79,15 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
     return out
+
+
+def insecure_destinations(settings: Settings) -> list[str]:
+    """Names of the DICOMweb destinations whose password or token goes over plain HTTP to another machine."""
+    return sorted(
+        name
+        for name, dest in settings.destinations.items()
+        if isinstance(dest, DicomwebDestination) and dest.secret_in_clear
+    )
 
 
 def conformance_statement(settings: Settings, *, http_url: str | None = None) -> str:
@@ -170,6 +179,12 @@ def conformance_statement(settings: Settings, *, http_url: str | None = None) ->
         protocol, peer = sender_for(dest).describe(dest)
         dest_rows.append((name, protocol, peer, dest.seg_type))
     lines += _table(("Name", "Protocol", "Peer", "SEG type"), dest_rows) if dest_rows else ["none"]
+    insecure = insecure_destinations(settings)
+    if insecure:
+        lines += [
+            "",
+            "**Warning:** credentials go over plain HTTP (allow_insecure: true) to: " + ", ".join(insecure) + ".",
+        ]
     senders = [r.name for r in settings.routes if r.return_to_sender is not None]
     if senders:
         lines += ["", "Routes that also return results to the sending AE (C-STORE): " + ", ".join(senders)]
@@ -190,8 +205,8 @@ def conformance_statement(settings: Settings, *, http_url: str | None = None) ->
                     "STOW-RS",
                     "POST /studies, /studies/{study}",
                     'request multipart/related; type="application/dicom"; response application/dicom+json '
-                    "(200 all stored, 202 some, 409 none; FailureReason C000 not DICOM, C210 unreadable, "
-                    "C409 other study, A700 out of resources)",
+                    "(200 all stored, 202 some, 409 none; FailureReason C000 not application/dicom, "
+                    "C210 not a DICOM file or unreadable, C409 other study, A700 out of resources)",
                 ),
                 (
                     "QIDO-RS",
@@ -246,6 +261,12 @@ def conformance_statement(settings: Settings, *, http_url: str | None = None) ->
         "- Cross-origin requests (CORS) are allowed "
         + ("from any origin (bearer token required)." if token else "from loopback origins only."),
         "- DIMSE: access is limited by calling AE title and source address as listed in section 2.",
+        "- DICOMweb destinations: a password or token is sent only over https:// or to this machine"
+        + (
+            f", except to {', '.join(insecure)} (allow_insecure: true)."
+            if insecure
+            else " (an http:// destination with credentials needs allow_insecure: true)."
+        ),
         "",
         "## 6. Character sets",
         "",

@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from pacs_node.config import Settings
 from pacs_node.receive.ingest import Ingestor
+from pacs_node.web.auth import Sessions
 from pacs_node.web.dicomjson import MetadataCache
 from pacs_node.web.metrics import LocalCounters
 from pacs_node.web.qido import Qido
@@ -19,7 +20,8 @@ DICOMWEB = "/dicom-web"
 
 @dataclass
 class HttpContext:
-    """What the handlers share: settings, database, store, receive path, caches and counters."""
+    """What the handlers share: settings, database, store, receive path, caches, counters and the dashboard's
+    sessions."""
 
     settings: Settings
     db: Database
@@ -28,6 +30,7 @@ class HttpContext:
     token: str | None = None
     cache: MetadataCache = field(default_factory=MetadataCache)
     counters: LocalCounters = field(default_factory=LocalCounters)
+    sessions: Sessions = field(default_factory=Sessions)
 
     def __post_init__(self) -> None:
         self.qido = Qido(self.db, self.store, self.cache)

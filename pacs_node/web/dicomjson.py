@@ -18,10 +18,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
+
+from pacs_node.web.dicomfile import dcmread_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def instance_metadata(path: Path, bulk_base: str | None) -> dict[str, Any]:
         ValueError: the file is not DICOM.
     """
     try:
-        ds = dcmread(path, defer_size=BULK_THRESHOLD)
+        ds = dcmread_bounded(path, defer_size=BULK_THRESHOLD)
     except OSError:
         raise
     except Exception as exc:  # pydicom raises many kinds for malformed files

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames, get_frame
 from pydicom.pixels import iter_pixels, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_node.errors import PacsNodeError
+from pacs_node.web.dicomfile import dcmread_bounded
 from pacs_node.web.media import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, NATIVE_SYNTAXES
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class PixelInfo:
 
 def _header(path: Path) -> tuple[Dataset, PixelInfo]:
     try:
-        ds = dcmread(path, defer_size=1024)
+        ds = dcmread_bounded(path, defer_size=1024)
     except OSError:
         raise
     except Exception as exc:  # pydicom raises many kinds for malformed files
@@ -101,7 +102,7 @@ def _seekable(info: PixelInfo) -> bool:
 
 def _native_pixels(path: Path, info: PixelInfo) -> bytes:
     """All native pixel data, little endian."""
-    ds = dcmread(path)
+    ds = dcmread_bounded(path)
     data = bytes(ds.PixelData)
     if info.transfer_syntax == EXPLICIT_BE and info.bits_allocated in (16, 32, 64):
         dtype = np.dtype(f">u{info.bits_allocated // 8}")
@@ -157,7 +158,7 @@ def _encapsulated_source(path: Path, info: PixelInfo, fh: BinaryIO) -> Any:
     if raw is not None and raw.value is None and raw.value_tell is not None:
         fh.seek(raw.value_tell)
         return fh
-    ds = dcmread(path)
+    ds = dcmread_bounded(path)
     return bytes(ds.PixelData)
 
 
@@ -247,7 +248,7 @@ def bulk_value(path: Path, tag: int) -> bytes:
         FrameError: the element is absent or not binary.
     """
     try:
-        ds = dcmread(path, defer_size=1024)
+        ds = dcmread_bounded(path, defer_size=1024)
     except Exception as exc:  # pydicom raises many kinds for malformed files
         raise FrameError(f"{path.name} is not a readable DICOM file: {exc}") from exc
     if tag not in ds:
@@ -266,7 +267,7 @@ def transcode_to_explicit_le(path: Path) -> bytes:
             (Explicit VR Big Endian files are sent only as stored).
     """
     try:
-        ds = dcmread(path)
+        ds = dcmread_bounded(path)
         ts = ds.file_meta.TransferSyntaxUID
         if ts == EXPLICIT_BE:
             raise FrameError("Explicit VR Big Endian instances are sent only as stored (transfer-syntax=*)")

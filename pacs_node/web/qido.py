@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from pacs_node.errors import PacsNodeError
 from pacs_node.query import like_pattern
+from pacs_node.query.base import MAX_OFFSET, FilterError, parse_count
 from pacs_node.web.catalog import (
     OUTPUT_MODALITY,
     kinds_for_modalities,
@@ -162,24 +163,18 @@ def parse_query(
     supported = _LEVEL_KEYS[level]
     for name, value in params:
         lname = name.lower()
-        if lname == "limit":
+        if lname in ("limit", "offset"):
             try:
-                limit = int(value)
-            except ValueError as exc:
-                raise QueryError(f"limit {value!r} is not an integer") from exc
-            if limit < 0:
-                raise QueryError("limit must not be negative")
+                number = parse_count(value, lname, default=max_results if lname == "limit" else 0, maximum=MAX_OFFSET)
+            except FilterError as exc:
+                raise QueryError(str(exc)) from exc
+            if lname == "offset":
+                offset = number
+                continue
+            limit = number
             if limit > max_results:
                 warnings.append(f"limit {limit} is above the maximum of {max_results}; at most {max_results} results")
                 limit = max_results
-            continue
-        if lname == "offset":
-            try:
-                offset = int(value)
-            except ValueError as exc:
-                raise QueryError(f"offset {value!r} is not an integer") from exc
-            if offset < 0:
-                raise QueryError("offset must not be negative")
             continue
         if lname == "fuzzymatching":
             fuzzy = value.strip().lower() == "true"

@@ -3,7 +3,12 @@
 Each part is streamed from the socket straight into a temporary file in the
 store's ``.incoming`` folder (never held in memory) and, once complete, handed
 to the same :meth:`~pacs_node.receive.ingest.Ingestor.receive_file` as a C-STORE: header
-check, fsync, rename into the journal, indexing and routing. The answer lists
+check, fsync, rename into the journal, indexing and routing. A part whose first
+bytes are not a Part 10 file (no ``DICM`` and File Meta Information with a
+Transfer Syntax UID) is refused there and then, and the rest of it is only
+scanned for the next boundary, never written or parsed; a deflated part that
+would inflate beyond :data:`~pacs_node.web.dicomfile.MAX_INFLATED_BYTES` is
+refused before pydicom inflates it. The answer lists
 every part: stored ones in ReferencedSOPSequence, refused ones in
 FailedSOPSequence with a FailureReason, and the reason in words in a ``299``
 Warning header. HTTP status: 200 all stored, 202 some stored, 409 none stored.
@@ -11,6 +16,7 @@ Warning header. HTTP status: 200 all stored, 202 some stored, 409 none stored.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +28,14 @@ from starlette.concurrency import run_in_threadpool
 
 from pacs_node.errors import IngestError
 from pacs_node.receive.ingest import Ingestor
+from pacs_node.web.dicomfile import (
+    HEAD_BYTES,
+    META_START,
+    InflateLimitError,
+    NotDicomFile,
+    check_inflated_size,
+    read_file_meta,
+)
 from pacs_node.web.dicomjson import attributes
 from pacs_node.web.multipart import MultipartError, MultipartParser, PartEnd, PartStart, parse_media_type
 from storage.errors import StorageFull
@@ -30,9 +44,13 @@ logger = logging.getLogger(__name__)
 
 #: FailureReason values used in FailedSOPSequence.
 CANNOT_UNDERSTAND = 0xC000  # a part that is not application/dicom, or a body cut short
+UNREADABLE = 0xC210  # a part that is not a DICOM file, or whose data set the node does not read (as C-STORE's)
 STUDY_MISMATCH = 0xC409  # the instance belongs to another study than the one in the URL
 OUT_OF_RESOURCES = 0xA700
-_PREAMBLE_LENGTH = 132
+#: How much of a part is held before its first bytes are checked (File Meta Information fits in it).
+HEAD_CHECK_BYTES = 4096
+#: How much of a refused part's file is read to name its instance in the answer.
+_NAMING_BYTES = HEAD_BYTES
 SPACE_CHECK_BYTES = 64 * 2**20
 """Free space is checked again after this many bytes of one part."""
 
@@ -162,10 +180,16 @@ def check_content_type(value: str | None) -> str:
 
 
 def _uids_of(path: Path) -> tuple[str | None, str | None, str | None, str | None]:
-    """(study, series, SOP class, SOP instance) read as far as possible, for the answer."""
+    """(study, series, SOP class, SOP instance) read as far as possible from the file's first
+    :data:`_NAMING_BYTES`, for the answer (a header longer than that names nothing: the part may be
+    anything at all, and pydicom would parse all of it)."""
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(_NAMING_BYTES)
+        if read_file_meta(head).deflated:
+            return None, None, None, None
         ds = dcmread(
-            path,
+            io.BytesIO(head),
             stop_before_pixels=True,
             force=True,
             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"],
@@ -261,7 +285,7 @@ class StowReceiver:
             return  # a refused part: its bytes are read and dropped
         if self._head is not None:
             self._head += data
-            if len(self._head) < _PREAMBLE_LENGTH:
+            if len(self._head) < HEAD_CHECK_BYTES:
                 return
             data = self._flush_head()
         self._write(data)
@@ -283,13 +307,19 @@ class StowReceiver:
                 self._fail_file(OUT_OF_RESOURCES, str(exc))
 
     def _flush_head(self) -> bytes:
-        """The part's first bytes, with the Part 10 preamble added when a sender left it out."""
+        """The part's first bytes, with the Part 10 preamble added when a sender left it out; or, when they
+        are not a Part 10 file, nothing: the part is refused and its file dropped at once."""
         head = bytes(self._head or b"")
         self._head = None
-        if head[128:132] != b"DICM" and head[:2] == b"\x02\x00":
+        if head[128:META_START] != b"DICM" and head[:2] == b"\x02\x00":
             # File meta information without the 128-byte preamble and "DICM" (as
             # pydicom writes a plain Dataset): make it a Part 10 file.
-            return bytes(128) + b"DICM" + head
+            head = bytes(128) + b"DICM" + head
+        try:
+            read_file_meta(head)
+        except NotDicomFile as exc:
+            self._fail_file(UNREADABLE, f"not a DICOM file ({exc}); the part was not stored")
+            return b""
         return head
 
     def _fail_file(self, reason: int, message: str) -> None:
@@ -350,6 +380,14 @@ class StowReceiver:
             self._part = None
 
     def _ingest(self, path: Path, part: PartResult) -> None:
+        try:
+            check_inflated_size(path)
+        except InflateLimitError as exc:
+            part.failure, part.message = UNREADABLE, f"not stored: {exc}"
+            return
+        except OSError as exc:
+            part.failure, part.message = OUT_OF_RESOURCES, f"cannot read the part back from disk: {exc.strerror}"
+            return
         if self.study_uid is not None:
             study, series, sop_class, sop = _uids_of(path)
             part.study_uid, part.series_uid, part.sop_class_uid, part.sop_uid = study, series, sop_class, sop

@@ -16,10 +16,12 @@ without a token they are open to the local user.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,10 +42,13 @@ from starlette.staticfiles import StaticFiles
 from pacs_node import __version__, query
 from pacs_node.common.header import HeaderError, NotDicomError, header_from_file
 from pacs_node.config import Settings
-from pacs_node.config.rules import CompiledRules, compile_settings
-from pacs_node.web.auth import SESSION_COOKIE, safe_next, session_value
+from pacs_node.config.rules import CompiledRules, SeriesDecision, compile_settings
+from pacs_node.query.base import MAX_OFFSET, parse_count, parse_id
+from pacs_node.web.auth import SESSION_COOKIE, SESSION_MAX_AGE_S, safe_next, session_cookie
+from pacs_node.web.conformance import insecure_destinations
 from pacs_node.web.context import HttpContext
 from pacs_node.web.dashboard.markdown import render_markdown
+from pacs_node.web.dicomfile import InflateLimitError, NotDicomFile, check_upload
 from storage.errors import InvalidUID
 from storage.filestore import validate_uid
 from storage.models import DeliveryState, JobState
@@ -53,9 +58,14 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 #: largest file the rule tester reads (only its header is used)
 MAX_TEST_BYTES = 64 * 2**20
-SESSION_MAX_AGE_S = 12 * 3600
+#: how long the rule tester's answer for one file may take
+RULE_TEST_TIMEOUT_S = 15.0
+#: files the rule tester reads at once (each in a worker thread, off the event loop)
+RULE_TEST_SLOTS = 2
 #: rows per page of the lists
 PAGE_SIZE = 50
+#: the last page a list may be asked for (its offset stays within the query layer's MAX_OFFSET)
+MAX_PAGE = MAX_OFFSET // PAGE_SIZE
 #: on every page: never framed by another site (clickjacking), no content sniffing, not cached
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -93,6 +103,9 @@ class Dashboard:
     env: Environment
     rules: CompiledRules
     _models: dict[str, tuple[float, ModelInfo]] = field(default_factory=dict)
+    tester_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(RULE_TEST_SLOTS)
+    )
 
     def model(self, pipeline: str) -> ModelInfo:
         """The pipeline's model package and card (re-read when model.yaml or MODEL_CARD.md changes)."""
@@ -222,12 +235,28 @@ def _render(request: Request, template: str, nav: str, status: int = 200, **valu
 
 
 def _offset(request: Request) -> int:
-    """The first row of the page the ``page`` parameter asks for (from 1; anything else is page 1)."""
+    """The first row of the page the ``page`` parameter asks for (from 1; absent or empty is page 1).
+
+    Raises:
+        DashboardError: 400 for a page that is not a whole number from 1 to :data:`MAX_PAGE`.
+    """
     try:
-        number = max(1, int(request.query_params.get("page") or 1))
-    except ValueError:
-        number = 1
-    return (number - 1) * PAGE_SIZE
+        number = parse_count(request.query_params.get("page"), "page", default=1, maximum=MAX_PAGE)
+    except query.FilterError as exc:
+        raise DashboardError(400, str(exc)) from exc
+    return (max(1, number) - 1) * PAGE_SIZE
+
+
+def _row_id(request: Request, what: str) -> int:
+    """The ``{id:int}`` of the path.
+
+    Raises:
+        DashboardError: 400 for an id beyond the database's range.
+    """
+    try:
+        return parse_id(request.path_params["id"], what)
+    except query.FilterError as exc:
+        raise DashboardError(400, str(exc)) from exc
 
 
 def _listed(
@@ -296,9 +325,10 @@ def job(request: Request) -> Response:
     """One job's card."""
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        row = query.job_detail(session, int(request.path_params["id"]))
+        job_id = _row_id(request, "job id")
+        row = query.job_detail(session, job_id)
         if row is None:
-            raise DashboardError(404, f"no job {request.path_params['id']}")
+            raise DashboardError(404, f"no job {job_id}")
         return _render(request, "job.html", "jobs", row=row)
 
 
@@ -318,6 +348,7 @@ def deliveries(request: Request) -> Response:
             page=page,
             summary=summary,
             configured=configured,
+            insecure=insecure_destinations(_dash(request).settings),
             state=state.lower(),
             destination=destination,
         )
@@ -334,7 +365,14 @@ def rules(request: Request) -> Response:
 
 
 def _read_header(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """The rule engine's header of a DICOM file's bytes, or None and why not."""
+    """The rule engine's header of a DICOM file's bytes, or None and why not (what is not DICOM at all, or
+    inflates beyond the bound, is refused before pydicom parses it: :func:`pacs_node.web.dicomfile.check_upload`)."""
+    try:
+        check_upload(data)
+    except NotDicomFile:
+        return None, "this is not a DICOM file"
+    except InflateLimitError as exc:
+        return None, f"it was not read: {exc}"
     fd, name = tempfile.mkstemp(prefix="pacs-node-ruletest-", suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -348,11 +386,32 @@ def _read_header(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
         Path(name).unlink(missing_ok=True)
 
 
+def _test_file(
+    dash: Dashboard, data: bytes, calling: str | None, called: str | None
+) -> tuple[dict[str, Any] | None, str | None, SeriesDecision | None] | None:
+    """Read a file's header and evaluate the rules on it (in a worker thread); None when
+    :data:`RULE_TEST_SLOTS` tests are running already (an abandoned slow one holds its slot until it ends)."""
+    if not dash.tester_slots.acquire(blocking=False):
+        return None
+    try:
+        header, problem = _read_header(data)
+        decision = dash.rules.evaluate(header, calling_ae=calling, called_ae=called) if header is not None else None
+        return header, problem, decision
+    finally:
+        dash.tester_slots.release()
+
+
 async def rules_test(request: Request) -> Response:
     """The rule tester: the body is one DICOM file; the answer an HTML fragment saying what the rules decide.
 
     Only the header is read; nothing is stored. ``calling_ae`` and ``called_ae``
-    in the query check the routes' AE conditions.
+    in the query check the routes' AE conditions. Reading and evaluating run in a
+    worker thread, at most :data:`RULE_TEST_SLOTS` at once, and the answer comes
+    within :data:`RULE_TEST_TIMEOUT_S` (503 otherwise): the event loop, and so
+    every other request, never waits for a file.
+
+    Raises:
+        DashboardError: 413 for a file over :data:`MAX_TEST_BYTES`, 400 for none, 503 busy or too slow.
     """
     body = bytearray()
     async for chunk in request.stream():
@@ -361,11 +420,20 @@ async def rules_test(request: Request) -> Response:
             raise DashboardError(413, f"the rule tester reads files up to {MAX_TEST_BYTES // 2**20} MiB")
     if not body:
         raise DashboardError(400, "no file was sent")
-    header, problem = await anyio.to_thread.run_sync(_read_header, bytes(body))
     dash = _dash(request)
     calling = request.query_params.get("calling_ae", "").strip()[:16] or None
     called = request.query_params.get("called_ae", "").strip()[:16] or None
-    decision = dash.rules.evaluate(header, calling_ae=calling, called_ae=called) if header is not None else None
+    try:
+        with anyio.fail_after(RULE_TEST_TIMEOUT_S):
+            tested = await anyio.to_thread.run_sync(
+                functools.partial(_test_file, dash, bytes(body), calling, called), abandon_on_cancel=True
+            )
+    except TimeoutError:
+        logger.warning("rule tester: a file took more than %g s; answered 503", RULE_TEST_TIMEOUT_S)
+        raise DashboardError(503, f"testing this file took more than {RULE_TEST_TIMEOUT_S:g} s") from None
+    if tested is None:
+        raise DashboardError(503, "the rule tester is busy with other files; try again in a moment")
+    header, problem, decision = tested
     shown = {}
     if header is not None:
         for key in (
@@ -408,7 +476,7 @@ def preview(request: Request) -> Response:
     """The key-image PNG of an output (relative to the data folder, never outside it)."""
     ctx = _ctx(request)
     with ctx.db.sessions() as session:
-        rel = query.output_png(session, int(request.path_params["id"]))
+        rel = query.output_png(session, _row_id(request, "output id"))
     if rel is None:
         raise DashboardError(404, "this output has no preview")
     root = ctx.settings.data_dir.resolve()
@@ -455,7 +523,7 @@ async def login(request: Request) -> Response:
     secure = request.url.scheme == "https" or (ctx.settings.http.public_url or "").startswith("https://")
     response.set_cookie(
         SESSION_COOKIE,
-        session_value(ctx.token),
+        ctx.sessions.open(),
         max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="strict",
@@ -467,7 +535,9 @@ async def login(request: Request) -> Response:
 
 
 def logout(request: Request) -> Response:
-    """Drop the session cookie."""
+    """End the session on the server (a copy of its cookie is refused from now on) and drop the cookie."""
+    if _ctx(request).sessions.close(session_cookie(request.headers.get("cookie"))):
+        logger.info("dashboard logout from %s", request.client.host if request.client else "?")
     response = RedirectResponse("/ui/login", 303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
