@@ -178,17 +178,24 @@ def _reactor_paused(assoc: Association) -> Iterator[None]:
 
 
 def raw_c_store(
-    assoc: Association, payload: bytes, *, sop_uid: str = "1.2.3.4", sop_class: str = CTImageStorage
+    assoc: Association,
+    payload: bytes,
+    *,
+    sop_uid: str = "1.2.3.4",
+    sop_class: str = CTImageStorage,
+    context_sop_class: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> int:
     """Send a C-STORE whose data set is ``payload`` byte for byte; return the status.
 
     Mirrors pynetdicom 3.0's ``send_c_store`` (pinned in setup.cfg) minus the
-    encoding, so that a data set pynetdicom would refuse to build can be sent.
+    encoding, so that a data set pynetdicom would refuse to build can be sent; the
+    command names ``sop_class``, sent on the context of ``context_sop_class``
+    (default: the same) in ``transfer_syntax``.
     """
+    abstract = context_sop_class or sop_class
     cx = next(
-        c
-        for c in assoc.accepted_contexts
-        if c.abstract_syntax == sop_class and c.transfer_syntax[0] == ExplicitVRLittleEndian
+        c for c in assoc.accepted_contexts if c.abstract_syntax == abstract and c.transfer_syntax[0] == transfer_syntax
     )
     req = C_STORE()
     req.MessageID = 7
@@ -671,16 +678,16 @@ def test_oversized_pdu_within_an_established_pynetdicom_association(node: Node) 
 
 
 # -- the C-STORE short path (pacs_node.common.dul) -----------------------------------------------------------------
-def _pdv(context_id: int, header: int, value: bytes) -> bytes:
+def pdv(context_id: int, header: int, value: bytes) -> bytes:
     return struct.pack(">LBB", len(value) + 2, context_id, header) + value
 
 
-def _p_data(*pdvs: bytes) -> bytes:
+def p_data_pdu(*pdvs: bytes) -> bytes:
     body = b"".join(pdvs)
     return struct.pack(">BBL", 0x04, 0, len(body)) + body
 
 
-def _store_command(sop_class: str, sop_uid: str, message_id: int) -> bytes:
+def store_command(sop_class: str, sop_uid: str, message_id: int) -> bytes:
     """A C-STORE-RQ command set (implicit VR little endian, PS3.7 9.3.1.1), a data set to follow."""
 
     def el(element: int, value: bytes) -> bytes:
@@ -722,7 +729,7 @@ def test_the_file_stored_is_the_same_whichever_path_received_it(node: Node, capl
     caplog.set_level(logging.DEBUG, logger="pacs_node.common.dul")
     ds = _synthetic()[0]
     data = _encode(ds)
-    cmd = _store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)
+    cmd = store_command(CTImageStorage, ds.SOPInstanceUID, message_id=7)
     assoc = _associate(node.scp.port)
     try:
         [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
@@ -730,16 +737,18 @@ def test_the_file_stored_is_the_same_whichever_path_received_it(node: Node, capl
         with _reactor_paused(assoc):
             # the command and the first fragment in one PDU, the last fragment in the next
             sock.sendall(
-                _p_data(_pdv(cid, 0x03, cmd), _pdv(cid, 0x00, data[:half])) + _p_data(_pdv(cid, 0x02, data[half:]))
+                p_data_pdu(pdv(cid, 0x03, cmd), pdv(cid, 0x00, data[:half])) + p_data_pdu(pdv(cid, 0x02, data[half:]))
             )
             rsp = _response(assoc)
         assert (rsp.Status, rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPInstanceUID) == (0, 7, ds.SOPInstanceUID)
         assert rsp.AffectedSOPClassUID == CTImageStorage
         path = node.store.root / _instances(node)[ds.SOPInstanceUID]["path"]
         short = path.read_bytes()
-        cmd = _store_command(CTImageStorage, ds.SOPInstanceUID, message_id=8)
+        cmd = store_command(CTImageStorage, ds.SOPInstanceUID, message_id=8)
         with _reactor_paused(assoc):
-            sock.sendall(_p_data(_pdv(cid, 0x01, cmd[:20]), _pdv(cid, 0x03, cmd[20:])) + _p_data(_pdv(cid, 0x02, data)))
+            sock.sendall(
+                p_data_pdu(pdv(cid, 0x01, cmd[:20]), pdv(cid, 0x03, cmd[20:])) + p_data_pdu(pdv(cid, 0x02, data))
+            )
             rsp = _response(assoc)
         assert (rsp.Status, rsp.MessageIDBeingRespondedTo) == (0, 8)
         # and an ordinary C-STORE from pynetdicom's SCU after both
@@ -760,11 +769,11 @@ def test_a_c_store_broken_off_in_its_dataset_leaves_nothing_behind(node: Node, b
     assoc = _associate(node.scp.port)
     [cx] = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
     sock, cid = assoc.dul.socket.socket, cx.context_id
-    sock.sendall(_p_data(_pdv(cid, 0x03, _store_command(CTImageStorage, ds.SOPInstanceUID, 3))))
-    sock.sendall(_p_data(_pdv(cid, 0x00, data[:1000])))
+    sock.sendall(p_data_pdu(pdv(cid, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID, 3))))
+    sock.sendall(p_data_pdu(pdv(cid, 0x00, data[:1000])))
     wait_for(lambda: any(node.store.incoming_dir.iterdir()), 5, what="the dataset's temporary file")
     if breach == "a command inside the dataset":
-        sock.sendall(_p_data(_pdv(cid, 0x03, _store_command(CTImageStorage, ds.SOPInstanceUID, 4))))
+        sock.sendall(p_data_pdu(pdv(cid, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID, 4))))
         wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 5, what="the node to abort the association")
     elif breach == "an abort inside the dataset":
         assoc.abort()

@@ -27,7 +27,7 @@ from pacs_node.config import Settings
 from pacs_node.deliver.dispatcher import Dispatcher
 from pacs_node.process.worker import WorkerSupervisor
 from pacs_node.receive.indexer import Indexer
-from pacs_node.receive.ingest import Ingestor
+from pacs_node.receive.ingest import IngestLimits, Ingestor, StoredLocations
 from pacs_node.receive.scp import StorageSCP
 from pacs_node.retain.retention import Retention
 from pacs_node.route.router import Router
@@ -46,7 +46,12 @@ class Receiver:
 
     def __init__(self, settings: Settings, db: Database, store: FileStore, *, reuse_port: bool = False) -> None:
         self.indexer = Indexer(db, store)
-        self.ingestor = Ingestor(store, self.indexer.submit)
+        self.ingestor = Ingestor(
+            store,
+            self.indexer.submit,
+            limits=IngestLimits.from_settings(settings.storage),
+            locate=StoredLocations(db),
+        )
         self.scp = StorageSCP(settings.dicom, self.ingestor, reuse_port=reuse_port)
 
     def start(self) -> None:

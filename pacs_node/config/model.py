@@ -97,12 +97,32 @@ class DicomTlsSettings(_Frozen):
 
 
 class DicomSettings(_Frozen):
-    """The DIMSE side: the SCP that PACS send to."""
+    """The DIMSE side: the SCP that PACS send to.
+
+    One peer cannot stop the node: a connection must send its association request
+    within ``acse_timeout_s``, each PDU must arrive whole within
+    ``network_timeout_s`` of its first byte (and nothing at all for that long
+    ends an association), connections are counted at accept (``max_connections``,
+    ``max_connections_per_host``; more are closed at once), and only associations
+    past their request, from allowed hosts, count toward ``max_associations``.
+    """
 
     ae_title: str = "PACSNODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535, description="0 picks a free port (tests)")
-    max_associations: int = Field(16, ge=1, description="concurrent associations before rejecting")
+    max_associations: int = Field(
+        16, ge=1, description="associations at once (counted once requested); more are rejected (local limit)"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="TCP connections open at once, associated or not; more are closed at accept "
+        "(default: twice max_associations; at least max_associations)",
+    )
+    max_connections_per_host: int = Field(
+        8, ge=1, description="TCP connections one source address may hold at once; more are closed at accept"
+    )
+    listen_backlog: int = Field(128, ge=1, le=65535, description="connections the kernel queues before accept")
     max_pdu_size: int = Field(
         262_144, ge=4096, le=16_777_216, description="largest P-DATA PDU we accept; longer ones abort"
     )
@@ -113,13 +133,34 @@ class DicomSettings(_Frozen):
         (), description="source addresses or networks (CIDR) allowed; empty allows any"
     )
     require_called_ae: bool = True
-    acse_timeout_s: float = Field(30.0, gt=0)
+    acse_timeout_s: float = Field(
+        30.0, gt=0, description="a connection that has not sent its association request by then is closed"
+    )
     dimse_timeout_s: float = Field(60.0, gt=0)
-    network_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="an association silent this long, or a PDU not whole this long after its first byte, "
+        "is ended and its connection closed",
+    )
     processes: int = Field(
         1, ge=1, le=64, description="SCP processes sharing the port (SO_REUSEPORT); 1 keeps everything in one"
     )
     tls: DicomTlsSettings | None = Field(None, description="DICOM TLS on the port; absent: plain TCP")
+
+    @model_validator(mode="after")
+    def _connections(self) -> DicomSettings:
+        if self.max_connections is not None and self.max_connections < self.max_associations:
+            raise ValueError(
+                f"max_connections ({self.max_connections}) must be at least max_associations "
+                f"({self.max_associations}): every association holds a connection"
+            )
+        return self
+
+    @property
+    def connection_limit(self) -> int:
+        """``max_connections``, or twice ``max_associations`` when not set."""
+        return self.max_connections if self.max_connections is not None else 2 * self.max_associations
 
     @field_validator("ae_title")
     @classmethod
@@ -186,12 +227,26 @@ class HttpSettings(_Frozen):
 
 
 class StorageSettings(_Frozen):
-    """The file store under ``data_dir``."""
+    """The file store under ``data_dir``, and what the receive path (C-STORE and STOW-RS) accepts into it."""
 
     min_free_mb: int = Field(
-        1024, ge=0, description="refuse instances (out of resources) when free space falls below this"
+        1024,
+        ge=0,
+        description="refuse instances (out of resources) when free space falls below this, also while one streams in",
     )
     fsync: bool = Field(True, description="fsync every instance before acknowledging it (keep on in production)")
+    max_instance_mb: int = Field(
+        2048,
+        ge=1,
+        description="largest instance accepted, as received and, for Deflated Explicit VR Little Endian, once "
+        "inflated; a larger one is refused (out of resources) while it streams in",
+    )
+    max_pixel_mb: int = Field(
+        2048,
+        ge=1,
+        description="largest decoded image an instance may declare (Rows x Columns x samples x bits x frames); "
+        "a larger one is refused (out of resources)",
+    )
 
 
 class RoutingSettings(_Frozen):
