@@ -164,11 +164,27 @@ class NnUNetBackend(_Frozen):
     #: DICOMOrient, e.g. "LPS" or "RAS"); the image is reoriented before and
     #: the result back after. None feeds the reference series as it lies.
     orientation: str | None = None
+    #: SHA-256 (hex) of files of the folders, by path relative to the package folder
+    #: (``pacs-node models import`` records every checkpoint, plans.json, dataset.json and
+    #: postprocessing.pkl); checked before anything is loaded. When given, every
+    #: checkpoint the stage loads must be listed.
+    sha256: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("folders", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return (v,) if isinstance(v, str) else v
+
+    @field_validator("sha256")
+    @classmethod
+    def _digests(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for path, digest in v.items():
+            d = str(digest).strip().lower()
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise ValueError(f"sha256: {path!r}: {digest!r} is not a SHA-256 digest (64 hex digits)")
+            out[path] = d
+        return out
 
 
 class NativeBackend(_Frozen):

@@ -233,7 +233,9 @@ class NnUNetStage(StagePredictor):
         ModelPackageError: a folder, ``plans.json``, ``dataset.json`` or a fold's
             checkpoint is missing, nnU-Net cannot load the model, the ensemble's
             members disagree on labels or channels, or the model is of a kind this
-            backend does not run (region-based, cascade).
+            backend does not run (region-based, cascade), or a file the manifest's
+            ``sha256`` lists is missing or has another digest, or a checkpoint it loads
+            is not listed there (when ``sha256`` is given; checked before anything is unpickled).
     """
 
     def __init__(
@@ -264,11 +266,18 @@ class NnUNetStage(StagePredictor):
                 raise ModelPackageError(f"orientation: {exc}") from exc
         self.folders = [self.package_folder / f for f in spec.folders]
         self.checksums = {}
+        verified = self._verify_checksums()
         self._predictors: list[Any] = []
         labels: list[int] | None = None
         channels: int | None = None
         for folder in self.folders:
             checkpoints = self._check_folder(folder)
+            unlisted = [self._key(p) for p in checkpoints if self._key(p) not in verified]
+            if self.spec.sha256 and unlisted:
+                raise ModelPackageError(
+                    f"sha256 in model.yaml has no digest for {unlisted}: when sha256 is given, every checkpoint "
+                    "the stage loads must be listed; add them, or import the model again"
+                )
             predictor = self._make_predictor(nnUNetPredictor)
             try:
                 with _quiet(f"loading {folder}"):
@@ -303,7 +312,7 @@ class NnUNetStage(StagePredictor):
                     f"channel(s), {folder} has labels {member_labels} and {n_in}; an ensemble needs the same dataset"
                 )
             for path in [folder / "plans.json", folder / "dataset.json", *checkpoints]:
-                self.checksums[self._key(path)] = sha256_file(path)
+                self.checksums[self._key(path)] = verified.get(self._key(path)) or sha256_file(path)
             self._predictors.append(predictor)
         assert labels is not None and channels is not None  # set by the first folder (checked above)
         self.labels = labels
@@ -335,6 +344,37 @@ class NnUNetStage(StagePredictor):
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
+
+    def _verify_checksums(self) -> dict[str, str]:
+        """Check every file ``sha256`` lists against its recorded digest, before anything is unpickled.
+
+        Returns:
+            The verified digests by path relative to the package folder.
+
+        Raises:
+            ModelPackageError: a listed file is outside the package, missing, or has another digest.
+        """
+        root = self.package_folder.resolve()
+        verified: dict[str, str] = {}
+        for relative, expected in self.spec.sha256.items():
+            path = (root / relative).resolve()
+            if root not in path.parents:
+                raise ModelPackageError(f"sha256: {relative!r} points outside the model package {root}")
+            if not path.is_file():
+                raise ModelPackageError(
+                    f"sha256: {relative!r} is not in the model package {root}; copy the whole package again"
+                )
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ModelPackageError(
+                    f"{path}: SHA-256 mismatch: the file has {actual}, model.yaml records {expected}; it changed "
+                    "since the package was made (a damaged or different file): copy it again from its source, "
+                    "or import the model again"
+                )
+            verified[self._key(path)] = actual
+        if verified:
+            logger.info("nnU-Net stage %s: %d file(s) match their SHA-256", ", ".join(self.spec.folders), len(verified))
+        return verified
 
     def _key(self, path: Path) -> str:
         try:

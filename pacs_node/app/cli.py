@@ -316,6 +316,32 @@ def cmd_models_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import(settings: Settings, args: argparse.Namespace) -> int:
+    from inference.errors import ModelPackageError
+    from inference.importer import import_nnunet, load_codes_file, summary
+
+    try:
+        codes = load_codes_file(args.codes) if args.codes else None
+        result = import_nnunet(
+            args.path,
+            args.out,
+            name=args.name,
+            version=args.version,
+            intended_use=args.intended_use,
+            codes=codes,
+            codes_origin=f"--codes {args.codes}",
+            roles=args.role,
+            configuration=args.configuration,
+            checkpoint=args.checkpoint,
+            orientation=args.orientation,
+            force=args.force,
+        )
+    except ModelPackageError as exc:
+        raise PacsNodeError(f"models import: {exc}") from exc
+    print(summary(result))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from pacs_node.app.demo import DEMO_CASES, run_demo
 
@@ -475,6 +501,54 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cpu", action="store_true", help="never use a GPU")
     q.add_argument("--verbose", "-v", action="store_true", help="print each case as it finishes (stderr)")
     q.set_defaults(func=cmd_models_evaluate)
+    q = msub.add_parser(
+        "import",
+        parents=[common],
+        help="make a model package from an nnU-Net v2 results folder, its Dataset folder or its export zip",
+        description="Copy a trained nnU-Net v2 model (a Trainer__Plans__configuration folder, the Dataset folder "
+        "holding it, or the zip of nnUNetv2_export_model_to_zip) into a pacs-node model package: model.yaml with "
+        "one input role per channel, the labels with codes and colours, one nnunet stage, and the SHA-256 of every "
+        "checkpoint, which the node checks before loading it. Segments are validated (sent to the PACS) unless "
+        "the --codes file says validated: false. See docs/models.md, 'Bring your own model'.",
+    )
+    q.add_argument("path", metavar="PATH", help="results folder, Dataset folder, or nnU-Net's model zip")
+    q.add_argument("--out", required=True, metavar="DIR", help="the model package folder to write")
+    q.add_argument("--name", default=None, help="model name (default: from the Dataset folder, e.g. dataset220-kits)")
+    q.add_argument("--version", default="1.0.0", help="model version (default 1.0.0)")
+    q.add_argument(
+        "--intended-use",
+        default=None,
+        help="what the model is for (default: 'imported, not validated by this node' ...)",
+    )
+    q.add_argument(
+        "--codes",
+        default=None,
+        metavar="FILE.yaml",
+        help="label name or value -> {type, category, laterality, color, name, validated, anatomy}; types and "
+        "categories as keys of inference/codes.py or {value, meaning, scheme}",
+    )
+    q.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        metavar="INDEX=NAME[:b=VALUE][:optional]",
+        help="name a channel's input role (default: its channel_names entry, lower case), e.g. 0=dwi:b=1000, "
+        "2=flair:optional; repeatable",
+    )
+    q.add_argument(
+        "--configuration",
+        default=None,
+        help="which results folder when PATH holds several (its name, or e.g. 3d_fullres)",
+    )
+    q.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file of each fold")
+    q.add_argument(
+        "--orientation",
+        default=None,
+        metavar="CODE",
+        help="orientation the model was trained in (DICOMOrient code such as RAS or LPS; default: as the series lies)",
+    )
+    q.add_argument("--force", action="store_true", help="replace --out when it is a model package")
+    q.set_defaults(func=cmd_models_import)
 
     p = sub.add_parser(
         "conformance", parents=[common], help="the DICOM conformance statement of this configuration (Markdown)"
