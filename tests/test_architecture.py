@@ -63,6 +63,7 @@ LAZY_BY_INTENT: dict[tuple[str, str], str] = {
     ("pacs_node.app.cli", "pacs_lab.evaluation"): "`models evaluate` alone loads phantoms and torch",
     ("pacs_node.app.cli", "inference.manifest"): "`models` commands alone read model packages",
     ("pacs_node.app.cli", "inference.errors"): "beside inference.manifest",
+    ("pacs_node.app.cli", "inference.importer"): "`models import` alone reads nnU-Net folders",
     ("pacs_node.app.demo", "pacs_lab.evaluation"): "torch and phantoms load when the demo runs",
     ("pacs_node.app.demo", "pacs_lab.phantoms.brain"): "torch and phantoms load when the demo runs",
     ("pacs_node.app.demo", "pacs_lab.tasks"): "torch and phantoms load when the demo runs",
