@@ -166,9 +166,9 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None) ->
     return got, False
 
 
-#: ``store(path, assoc, sop_instance_uid, refusal) -> status``: what the node does with a received file; ``refusal``
-#: says why it was not kept (too large, disk full, ...) and ``path`` is then None
-StoreCallable = Callable[[Path | None, Any, str, IngestError | None], int]
+#: ``store(path, assoc, sop_instance_uid) -> status``: what the node does with a received file; for an instance
+#: refused while it streamed in, ``store(None, assoc, sop_instance_uid, refusal)`` (too large, disk full, ...)
+StoreCallable = Callable[..., int]
 
 #: ``guard(bytes_written)``: raises :class:`~pacs_node.errors.IngestError` to refuse an instance while it streams in
 Guard = Callable[[int], None]
@@ -750,7 +750,10 @@ class NodeDUL(DULServiceProvider):
         refusal = incoming.refusal
         self._idle_timer.restart()  # the peer waits for us now, not the other way round
         try:
-            status = int(self._store(None if refusal else Path(incoming.name), self.assoc, sop, refusal))
+            if refusal is None:
+                status = int(self._store(Path(incoming.name), self.assoc, sop))
+            else:
+                status = int(self._store(None, self.assoc, sop, refusal))
         except Exception:
             logger.exception("storing instance %s failed", sop)
             status = _PROCESSING_FAILURE
