@@ -34,7 +34,7 @@ from pacs_node.common.store import open_store
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigError
 from pacs_node.query.base import MAX_ID, MAX_OFFSET
-from pacs_node.receive.ingest import Ingestor
+from pacs_node.receive.ingest import IngestLimits, Ingestor
 from pacs_node.web import HttpServer
 from pacs_node.web.auth import SESSION_COOKIE, Sessions
 from pacs_node.web.conformance import conformance_statement
@@ -177,6 +177,26 @@ def test_junk_and_bombs_posted_to_stow_are_refused_at_once(node: HttpNode) -> No
     node.flush()
     with node.db.sessions() as session:
         assert session.scalars(select(Instance.sop_uid)).all() == [good.SOPInstanceUID]
+
+
+def test_a_stow_part_over_the_instance_size_limit_is_refused_while_it_streams_in(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = node_settings(make_settings, extra={"storage": {"max_instance_mb": 1}})
+    with http_node(settings) as n:
+        n.ingestor.limits = IngestLimits.from_settings(settings.storage)  # as serve builds it
+        study = new_uid()
+        [good] = make_series(1, rows=16, cols=16, study_uid=study)
+        [big] = make_series(1, rows=1024, cols=1024, study_uid=study)  # 2 MiB of pixels
+        r = _stow(n, [("application/dicom", part10(big)), ("application/dicom", part10(good))])
+        assert r.status_code == 202, r.text
+        answer = r.json()
+        assert _reasons(answer) == [0xA700]
+        assert any("larger than storage.max_instance_mb (1 MiB)" in w for w in r.headers.get_list("warning"))
+        assert list(n.store.incoming_dir.iterdir()) == [], "the refused part is not left on disk"
+        n.flush()
+        with n.db.sessions() as session:
+            assert session.scalars(select(Instance.sop_uid)).all() == [good.SOPInstanceUID]
 
 
 def test_a_bomb_on_disk_is_not_inflated_by_wado(node: HttpNode) -> None:

@@ -299,6 +299,12 @@ class StowReceiver:
             self._fail_file(OUT_OF_RESOURCES, f"cannot write the part to disk: {exc.strerror}")
             return
         self._written += len(data)
+        limit = self.ingestor.limits.max_instance_bytes
+        if self._written > limit:  # refused while it streams in, as over C-STORE (Ingestor.guard)
+            self._fail_file(
+                OUT_OF_RESOURCES, f"the instance is larger than storage.max_instance_mb ({limit >> 20} MiB); not stored"
+            )
+            return
         if self._written >= self._next_check:
             self._next_check += SPACE_CHECK_BYTES
             try:
