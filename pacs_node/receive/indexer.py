@@ -5,6 +5,12 @@ records into one transaction (studies, series, instances, series counters and
 reopen on late arrival), commits, and only then moves each file from the store's
 journal to ``<Study>/<Series>/<SOP>.dcm``. A crash anywhere leaves the file in
 the journal, where :meth:`Indexer.recover` picks it up on the next start.
+
+A database outage of any length loses nothing and needs no restart: the indexer
+holds every acknowledged record and retries with a capped backoff until the
+database is back. While it holds them their files stay in the journal, which is
+what tells the router (:mod:`pacs_node.route.router`) not to call any series
+complete before they are indexed.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from pacs_node.common.header import header_from_dataset
@@ -38,6 +47,28 @@ ENHANCED_HINT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
     "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
 }
+
+_FIRST_RETRY_S = 0.5
+_INSERT_RACE_RETRIES = 8
+#: stands for a header dropped from memory during a long outage (read again from the journal)
+_SPILLED = Dataset()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached now (retried for as long as that lasts).
+
+    Connection refused or cut, a pool that cannot hand out a connection, a
+    locked SQLite file: none of these is the record's fault.
+    """
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's message, without SQLAlchemy's statement and parameters."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
@@ -84,6 +115,18 @@ def expected_frames_hint(ds: Dataset, sop_class_uid: str) -> int | None:
 class Indexer:
     """Background indexer.
 
+    Every acknowledged record is held (in memory, its file in the store's
+    journal) until the database has taken it. When the database cannot be
+    reached the indexer keeps the records and retries with a backoff capped at
+    ``retry_max_s`` for as long as the outage lasts; it logs once when the
+    database goes away and once when it is back, with counts. Past
+    ``held_max`` records it drops the headers of the newer ones and reads them
+    again from the journal when their turn comes, so that memory stays bounded
+    however long the outage. A record that fails for another reason (not the
+    database's absence) is retried alone and, failing again, set aside in the
+    store's quarantine with the reason, so that one bad record never holds up
+    the others (nor, through the journal, series completion).
+
     Args:
         db: the database.
         store: the file store whose journal the records point into.
@@ -92,18 +135,44 @@ class Indexer:
             Acknowledgement never waits for the index and series completion
             waits far longer, so fewer, larger transactions cost nothing
             visible and leave the interpreter to the associations.
+        retry_max_s: the longest wait between two attempts while the database
+            cannot be reached (the wait doubles from 0.5 s up to this).
+        held_max: records held with their header in memory (besides the batch
+            being retried); the rest keep only their journal path and
+            identifiers until they are indexed.
     """
 
-    def __init__(self, db: Database, store: FileStore, *, batch_max: int = 512, linger_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: FileStore,
+        *,
+        batch_max: int = 512,
+        linger_s: float = 0.25,
+        retry_max_s: float = 5.0,
+        held_max: int = 4096,
+    ) -> None:
         self.db = db
         self.store = store
         self.batch_max = batch_max
         self.linger_s = linger_s
+        self.retry_max_s = retry_max_s
+        self.held_max = held_max
         self._queue: queue.Queue[Received | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._outstanding = 0
+        # Only the indexer thread touches these.
+        self._held: deque[Received] = deque()  # taken from the queue, not yet indexed; oldest first
+        self._with_header = 0  # records in _held that still carry their header
+        self._delay = _FIRST_RETRY_S
+        self._down_since: float | None = None  # monotonic time of the first failed attempt of an outage
+        self._failed_attempts = 0
         self.indexed_total = 0
+        #: attempts that found the database unreachable, over the indexer's life
+        self.unreachable_attempts = 0
+        #: records set aside in the quarantine because they could not be indexed
+        self.set_aside = 0
 
     # -- producer side ---------------------------------------------------------
     def submit(self, rec: Received) -> None:
@@ -111,6 +180,17 @@ class Indexer:
         with self._idle:
             self._outstanding += 1
         self._queue.put(rec)
+
+    @property
+    def outstanding(self) -> int:
+        """Records submitted and not yet indexed (or set aside)."""
+        with self._idle:
+            return self._outstanding
+
+    @property
+    def database_down(self) -> bool:
+        """Whether the last attempt found the database unreachable."""
+        return self._down_since is not None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -120,7 +200,11 @@ class Indexer:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Index what is queued, then stop."""
+        """Index what is queued, then stop.
+
+        While the database cannot be reached, one more attempt is made and what
+        it could not index stays in the journal, indexed at the next start.
+        """
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
@@ -137,49 +221,195 @@ class Indexer:
                 self._idle.wait(left)
         return True
 
+    # -- the loop ----------------------------------------------------------------
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.linger_s
-            while len(batch) < self.batch_max:
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception:  # a bug must not end indexing: what is held stays held, and is retried
+                logger.exception("the indexer failed; %d acknowledged instances held, retrying", self._waiting())
+                time.sleep(self.retry_max_s)
+
+    def _loop(self) -> None:
+        stopping = False
+        while True:
+            if not self._held:
+                if stopping:
+                    return
+                item = self._queue.get()
+                if item is None:
+                    return
+                self._hold(item)
+                stopping = self._gather(time.monotonic() + self.linger_s)
+            else:
+                stopping = self._gather(None) or stopping
+            if self._index_front():
+                continue
+            if stopping:
+                logger.warning(
+                    "stopping while the database cannot be reached: %d acknowledged instances stay in the "
+                    "journal and are indexed at the next start",
+                    len(self._held),
+                )
+                return
+            stopping = self._pause()
+
+    def _hold(self, rec: Received) -> None:
+        if rec.header is not _SPILLED:
+            if self._with_header >= self.held_max:
+                rec = replace(rec, header=_SPILLED)  # the journal keeps the header; read it again later
+            else:
+                self._with_header += 1
+        self._held.append(rec)
+
+    def _gather(self, deadline: float | None) -> bool:
+        """Hold what is queued; with a deadline, wait for a full batch until then. True on stop."""
+        while True:
+            if deadline is None or len(self._held) >= self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return False
+            else:
                 left = deadline - time.monotonic()
                 try:
-                    nxt = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._index_with_retry(batch)
-            with self._idle:
-                self._outstanding -= len(batch)
-                self._idle.notify_all()
+                    return False
+            if item is None:
+                return True
+            self._hold(item)
 
-    def _index_with_retry(self, batch: list[Received]) -> None:
-        delay = 0.2
-        for attempt in range(8):
+    def _pause(self) -> bool:
+        """Wait one backoff step, holding what arrives meanwhile; True when asked to stop."""
+        deadline = time.monotonic() + self._delay
+        self._delay = min(self._delay * 2, self.retry_max_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
             try:
-                self.index_batch(batch)
-                return
-            except IntegrityError:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            self._hold(item)
+
+    def _done(self, n: int) -> None:
+        with self._idle:
+            self._outstanding -= n
+            self._idle.notify_all()
+
+    def _take_front(self) -> list[Received]:
+        """Take the oldest held records (a batch), each with its header; unreadable ones are set aside."""
+        batch: list[Received] = []
+        while self._held and len(batch) < self.batch_max:
+            rec = self._held.popleft()
+            if rec.header is not _SPILLED:
+                self._with_header -= 1
+                batch.append(rec)
+                continue
+            try:
+                batch.append(replace(rec, header=read_header(rec.acked_path)))
+            except Exception as exc:  # IngestError, or whatever else a damaged file raises
+                self._set_aside(rec.acked_path, f"header unreadable: {exc}")
+                self._done(1)
+        return batch
+
+    def _put_back(self, batch: list[Received]) -> None:
+        self._held.extendleft(reversed(batch))
+        self._with_header += len(batch)
+
+    def _index_front(self) -> bool:
+        """Index the oldest held records (a batch); False when the database cannot be reached."""
+        batch = self._take_front()
+        error = self._attempt(batch)
+        if error is None:
+            self._note_reachable(len(batch))
+            self._done(len(batch))
+            return True
+        if _unreachable(error):
+            self._put_back(batch)
+            self._note_unreachable(error)
+            return False
+        # Not the database's absence: something in these records. One at a time,
+        # so that the others go in and only what fails again is set aside.
+        logger.warning(
+            "indexing a batch of %d instances failed (%s: %s); indexing them one at a time",
+            len(batch),
+            type(error).__name__,
+            _first_line(error),
+        )
+        for i, rec in enumerate(batch):
+            error = self._attempt([rec])
+            if error is not None and _unreachable(error):
+                self._put_back(batch[i:])
+                self._note_unreachable(error)
+                return False
+            if error is not None:
+                self._set_aside(rec.acked_path, f"could not be indexed: {type(error).__name__}: {_first_line(error)}")
+            self._done(1)
+        self._note_reachable(len(batch))
+        return True
+
+    def _attempt(self, recs: list[Received]) -> Exception | None:
+        """Index ``recs`` in one transaction; the error, or None when they are in."""
+        error: Exception | None = None
+        for _ in range(_INSERT_RACE_RETRIES):
+            try:
+                self.index_batch(recs)
+                return None
+            except IntegrityError as exc:
                 # Another receive process inserted the same study or series
                 # first; the next attempt finds its row.
                 logger.debug("concurrent insert of the same study/series; retrying the batch")
-                continue
-            except Exception:
-                logger.exception(
-                    "indexing a batch of %d instances failed (attempt %d); files stay in the journal",
-                    len(batch),
-                    attempt + 1,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        logger.error("giving up on a batch of %d instances for now; they are indexed at the next start", len(batch))
+                error = exc
+            except Exception as exc:
+                return exc
+        return error
+
+    def _set_aside(self, path: Path, reason: str) -> None:
+        self.set_aside += 1
+        if not path.exists():
+            logger.error("acknowledged file %s left the journal before it was indexed: %s", path.name, reason)
+            return
+        try:
+            self.store.quarantine(path, reason)
+        except OSError as exc:
+            logger.error("could not quarantine %s (%s): %s", path.name, exc, reason)
+
+    def _waiting(self) -> int:
+        return len(self._held) + self._queue.qsize()
+
+    def _note_unreachable(self, error: Exception) -> None:
+        self.unreachable_attempts += 1
+        self._failed_attempts += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            logger.warning(
+                "database unreachable (%s): %d acknowledged instances wait in the journal; retrying every "
+                "%g s at most until it is back",
+                _first_line(error),
+                self._waiting(),
+                self.retry_max_s,
+            )
+        else:
+            logger.debug("database still unreachable (attempt %d): %s", self._failed_attempts, _first_line(error))
+
+    def _note_reachable(self, indexed: int) -> None:
+        if self._down_since is not None:
+            logger.info(
+                "database reachable again after %.1f s (%d failed attempts): indexing the %d acknowledged "
+                "instances held meanwhile",
+                time.monotonic() - self._down_since,
+                self._failed_attempts,
+                indexed + self._waiting(),
+            )
+        self._down_since = None
+        self._failed_attempts = 0
+        self._delay = _FIRST_RETRY_S
 
     # -- the work ---------------------------------------------------------------
     def index_batch(self, batch: Sequence[Received], *, sync: bool = False) -> None:

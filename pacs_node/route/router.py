@@ -3,7 +3,11 @@
 A separate loop that shares only the database with the receive path:
 
 1. a RECEIVING series that has been quiet for ``routing.series_quiet_s`` (or
-   whose header hints say every frame has arrived) becomes COMPLETE;
+   whose header hints say every frame has arrived) becomes COMPLETE, but no
+   series does while the store's journal holds acknowledged instances that
+   the indexer has not caught up with (a database outage, a slow index): the
+   index cannot say which series they belong to, and a series called complete
+   without them would be routed without them;
 2. a COMPLETE series is checked by the loop guard and the routing rules; each
    matching route creates a job (one per series for single-input pipelines,
    one per study for pipelines with several input roles) and the series is
@@ -20,22 +24,58 @@ whose quiet period passed while the node was down are routed at the first tick.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from pacs_node.common.store import open_store
 from pacs_node.config import LateInstancePolicy, PipelineSettings, RouteSettings, Settings
 from pacs_node.config.rules import CompiledRules, compile_settings
 from storage.db import Database
+from storage.filestore import FileStore
 from storage.models import Job, JobState, Series, SeriesState, utcnow
 
 logger = logging.getLogger(__name__)
 
 _READY_STATES = (SeriesState.COMPLETE, SeriesState.ROUTED, SeriesState.IGNORED)
+
+#: An instance acknowledged longer ago than this and still in the journal means
+#: the indexer is behind (at most half the quiet period, so that a series still
+#: arriving is never taken for a quiet one).
+INDEX_LAG_S = 2.0
+
+
+def journal_backlog(journal: Path, acked_before_ns: int) -> tuple[int, int | None]:
+    """Files in the store's journal acknowledged before ``acked_before_ns``, and the oldest's time.
+
+    Journal names begin with the acknowledgement time in nanoseconds
+    (:meth:`storage.filestore.FileStore.acknowledge`); a name that does not is
+    dated by its modification time.
+    """
+    count, oldest = 0, None
+    try:
+        entries = os.scandir(journal)
+    except FileNotFoundError:
+        return 0, None
+    with entries:
+        for entry in entries:
+            if not entry.name.endswith(".dcm"):
+                continue
+            stamp = entry.name.partition("-")[0]
+            try:
+                acked = int(stamp) if stamp.isdigit() else entry.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue  # indexed meanwhile
+            if acked < acked_before_ns:
+                count += 1
+                oldest = acked if oldest is None else min(oldest, acked)
+    return count, oldest
 
 
 class Router:
@@ -45,6 +85,9 @@ class Router:
         settings: the node's settings (routing, pipelines, routes).
         db: the database.
         rules: compiled rules (compiled from ``settings`` when omitted).
+        on_pending: called after a pass that made jobs PENDING.
+        store: the file store whose journal holds acknowledged, not yet indexed
+            instances (opened from ``settings`` when omitted).
     """
 
     def __init__(
@@ -54,9 +97,12 @@ class Router:
         *,
         rules: CompiledRules | None = None,
         on_pending: Callable[[], None] | None = None,
+        store: FileStore | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
+        self.journal = (store or open_store(settings)).acked_dir
+        self._held_since: datetime | None = None  # completion held for the indexer since then
         self.rules = rules or compile_settings(settings)
         self.on_pending = on_pending  # told after a pass that made jobs PENDING (distributed mode publishes them)
         self._stop = threading.Event()
@@ -99,7 +145,13 @@ class Router:
         return {"completed": completed, "routed": routed, "assembled": assembled}
 
     def complete_series(self, now: datetime) -> int:
-        """Mark quiet (or hinted-complete) RECEIVING series COMPLETE."""
+        """Mark quiet (or hinted-complete) RECEIVING series COMPLETE.
+
+        Nothing is completed while the indexer lags behind the journal (see
+        :meth:`index_lagging`).
+        """
+        if self.index_lagging(now):
+            return 0
         quiet_before = now - timedelta(seconds=self.settings.routing.series_quiet_s)
         with self.db.session() as session:
             rows = session.scalars(
@@ -126,6 +178,35 @@ class Router:
                     "all frames announced by the header arrived" if hinted else "quiet period passed",
                 )
             return len(rows)
+
+    def index_lagging(self, now: datetime) -> bool:
+        """Whether acknowledged instances wait in the journal longer than the index normally takes.
+
+        The database cannot say which series they belong to, so while they
+        wait no series is called complete: one of them might be theirs. Logged
+        once when the hold begins and once when it ends.
+        """
+        lag = min(INDEX_LAG_S, self.settings.routing.series_quiet_s / 2)
+        seconds = (now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)).timestamp()
+        count, oldest = journal_backlog(self.journal, int((seconds - lag) * 1e9))
+        if count:
+            if self._held_since is None:
+                self._held_since = now
+                age = seconds - (oldest or 0) / 1e9
+                logger.info(
+                    "series completion held: %d acknowledged instances wait in the journal to be indexed "
+                    "(oldest %.0f s); no series is called complete before they are in the index",
+                    count,
+                    age,
+                )
+            return True
+        if self._held_since is not None:
+            logger.info(
+                "series completion resumes: the index caught up with the journal after %.1f s",
+                (now - self._held_since).total_seconds(),
+            )
+            self._held_since = None
+        return False
 
     def route_series(self, now: datetime) -> int:
         """Apply the loop guard and the rules to COMPLETE series."""
