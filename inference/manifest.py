@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inference.codes import CODES
 from inference.errors import ModelPackageError
@@ -26,6 +26,16 @@ MANIFEST_NAME = "model.yaml"
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_color(v: tuple[int, int, int]) -> tuple[int, int, int]:
+    if any(c < 0 or c > 255 for c in v):
+        raise ValueError("colour components must be 0-255")
+    return v
+
+
+#: a display colour, RGB 0-255 (SEG CIELab and the key image come from it)
+Color = Annotated[tuple[int, int, int], AfterValidator(_check_color)]
 
 
 class Code(_Frozen):
@@ -55,7 +65,7 @@ class LabelSpec(_Frozen):
     type: Code
     modifier: Code | None = None
     laterality: Literal["left", "right"] | None = None
-    color: tuple[int, int, int] = (255, 0, 0)
+    color: Color = (255, 0, 0)
     #: input roles whose mean value inside the label is reported (QSM in ppb, ADC)
     measure_mean_of: tuple[str, ...] = ()
     #: unit of those means (UCUM), e.g. "[ppb]" or "um2/s"
@@ -65,13 +75,6 @@ class LabelSpec(_Frozen):
     #: labels that belong to the same organ when connected to this one; the reported
     #: volume is the whole organ's (a kidney = its sinus label + parenchyma + tumour)
     volume_includes: tuple[int, ...] = ()
-
-    @field_validator("color")
-    @classmethod
-    def _color(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(c < 0 or c > 255 for c in v):
-            raise ValueError("colour components must be 0-255")
-        return v
 
 
 class SegmentSpec(_Frozen):
@@ -96,7 +99,7 @@ class SegmentSpec(_Frozen):
     side_of: tuple[int, ...] = ()
     #: anatomic location (SEG anatomic region, SR finding site); None: the type is the anatomy
     anatomy: Code | None = None
-    color: tuple[int, int, int] = (255, 0, 0)
+    color: Color = (255, 0, 0)
     measure_mean_of: tuple[str, ...] = ()
     mean_unit: str | None = None
     count_components: bool = False
@@ -106,13 +109,6 @@ class SegmentSpec(_Frozen):
     plausible_ml: tuple[float, float] | None = None
     #: labels that join the segment where they touch it (26-connected): a sinus label grows into its kidney
     grow_into: tuple[int, ...] = ()
-
-    @field_validator("color")
-    @classmethod
-    def _color(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(c < 0 or c > 255 for c in v):
-            raise ValueError("colour components must be 0-255")
-        return v
 
     @model_validator(mode="after")
     def _sided(self) -> SegmentSpec:
