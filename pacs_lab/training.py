@@ -135,6 +135,7 @@ _KIDNEY_LABELS = [1, 2, 3, 4]
 #: whole kidneys and their parts per side: what a radiologist reads, every figure measured on its own segment.
 #: The tumour label is not validated (phantom Dice about 0.1, see the model card): it is drawn and measured
 #: only where a route asks for unvalidated outputs.
+# colours far apart in hue, so that a viewer (and the OHIF test reading its screenshots) tells them apart
 _KIDNEY_SEGMENTS: list[dict[str, Any]] = [
     *(
         _segment(
@@ -146,7 +147,7 @@ _KIDNEY_SEGMENTS: list[dict[str, Any]] = [
             side_of=_KIDNEY_LABELS,
             plausible_ml=[50.0, 400.0],
         )
-        for side, color in (("right", (80, 140, 255)), ("left", (80, 200, 255)))
+        for side, color in (("right", (80, 140, 255)), ("left", (255, 200, 0)))
     ),
     *(
         _segment(
@@ -159,7 +160,7 @@ _KIDNEY_SEGMENTS: list[dict[str, Any]] = [
             anatomy="kidney",
             plausible_ml=[30.0, 300.0],
         )
-        for side, color in (("right", (60, 220, 90)), ("left", (140, 230, 60)))
+        for side, color in (("right", (60, 220, 90)), ("left", (220, 80, 220)))
     ),
     *(
         _segment(
@@ -174,7 +175,7 @@ _KIDNEY_SEGMENTS: list[dict[str, Any]] = [
             count_components=True,
             validated=False,
         )
-        for side, color in (("right", (255, 60, 60)), ("left", (255, 120, 60)))
+        for side, color in (("right", (255, 60, 60)), ("left", (150, 60, 255)))
     ),
 ]
 

@@ -80,7 +80,9 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "storage": {"min_free_mb": 0},
             "routing": {"series_quiet_s": 1.0, "poll_interval_s": 0.1},
             "retention": {"inputs_days": None},
-            "worker": {"processes": 0, "poll_interval_s": 0.1},
+            # preload off: on 2 cores a worker loading torch at start competes with the SCP and indexer
+            # that the tests time series completion against (test_worker checks preload on its own)
+            "worker": {"processes": 0, "poll_interval_s": 0.1, "preload": False},
         }
         merged = _deep_merge(base, data or {})
         merged = _deep_merge(merged, kw)

@@ -163,8 +163,8 @@ def test_preload_loads_and_warms_every_pipeline_model_before_the_first_job(
 ) -> None:
     config = _config(sphere_package)
     config["pipelines"]["missing"] = {"model": str(tmp_path / "nowhere"), "inputs": {"image": {}}}
-    settings = make_settings(config)
-    assert settings.worker.preload  # the default
+    settings = make_settings(config, worker={"preload": True})
+    assert Settings.model_validate({}).worker.preload  # on by default (the tests' settings turn it off)
     runners = RunnerCache()
     with caplog.at_level("INFO"):
         runners.preload(settings)
