@@ -155,16 +155,17 @@ def split_left_right(
     return out
 
 
-def organ_mask(labels: np.ndarray, label: int, includes: Sequence[int]) -> np.ndarray:
-    """Voxels of ``label`` plus those of ``includes`` connected (26-neighbourhood) to it.
+def organ_mask(labels: np.ndarray, label: int | Sequence[int], includes: Sequence[int]) -> np.ndarray:
+    """Voxels of ``label`` (one value or several) plus those of ``includes`` connected (26-neighbourhood) to them.
 
     A kidney labelled 1 (sinus) with parenchyma 3 and tumour 4: ``organ_mask(m, 1, (3, 4))``
     is the whole right kidney, excluding the left kidney's parenchyma.
     """
-    own = labels == label
+    own_values = [label] if isinstance(label, int) else list(label)
+    own = np.isin(labels, own_values)
     if not includes or not own.any():
         return own
-    comp, _, _ = _components(np.isin(labels, [label, *includes]).astype(np.uint8), 1)
+    comp, _, _ = _components(np.isin(labels, [*own_values, *includes]).astype(np.uint8), 1)
     keep = np.unique(comp[own])
     return np.isin(comp, keep[keep > 0])
 

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage  # type: ignore[import-untyped]
 
 from inference.manifest import Manifest, SegmentSpec
+from inference.postprocess import organ_mask
 from inference.volume import Volume
 
 __all__ = [
@@ -129,11 +130,7 @@ def build_segments(labels: Volume, manifest: Manifest, *, midline_x: float | Non
     sides_cache: dict[tuple[int, ...], tuple[np.ndarray, dict[int, str]]] = {}
     out: list[Segment] = []
     for number, spec in enumerate(manifest.output_segments, start=1):
-        mask = np.isin(arr, list(spec.labels))
-        if spec.grow_into and mask.any():
-            comp, _ = ndimage.label(np.isin(arr, [*spec.labels, *spec.grow_into]), structure=STRUCTURE)
-            keep = np.unique(comp[mask])
-            mask = np.isin(comp, keep[keep > 0])
+        mask = organ_mask(arr, spec.labels, spec.grow_into)
         if spec.side_of and mask.any():
             key = tuple(sorted(spec.side_of))
             if key not in sides_cache:
@@ -222,7 +219,7 @@ def measure_segments(
             for role in spec.measure_mean_of:
                 vol = volumes.get(role)
                 entry["mean"][role] = (
-                    None if vol is None or n == 0 else float(np.asarray(vol.array, dtype=np.float64)[seg.mask].mean())
+                    None if vol is None or n == 0 else float(np.asarray(vol.array)[seg.mask].mean(dtype=np.float64))
                 )
             entry["mean_unit"] = spec.mean_unit
         if spec.count_components:
@@ -230,7 +227,7 @@ def measure_segments(
             entry["count"] = len(lesions)
             entry["lesions"] = lesions
         if confidence is not None and n:
-            entry["confidence"] = round(float(np.asarray(confidence, dtype=np.float64)[seg.mask].mean()), 4)
+            entry["confidence"] = round(float(np.asarray(confidence)[seg.mask].mean(dtype=np.float64)), 4)
         reasons = []
         if spec.plausible_ml is not None:
             low, high = spec.plausible_ml

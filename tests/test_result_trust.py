@@ -18,6 +18,8 @@ from pydicom import dcmread
 
 from inference.codes import CODES
 from inference.outputs.sr import volumes_from_sr
+from inference.segments import body_midline_x
+from inference.volume import select_b_value, volume_from_datasets
 from tests.conftest import dciodvfy
 from tests.demo_support import DemoRun
 
@@ -164,16 +166,18 @@ def test_each_stroke_lesion_is_located_inside_itself_with_brain_and_hemisphere(d
         float(g.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))[0].value) for g in lesions
     )
     assert total == pytest.approx(volumes_from_sr(dcmread(folder / "sr.dcm"))[1], rel=1e-3)
-    midline = None
+    # the hemisphere: the side of the lesion's point relative to the brain's midline in the sent DWI
+    dwi = [dcmread(f) for f in sorted((demo_run.folder / "inputs" / "stroke" / "dwi").rglob("*")) if f.is_file()]
+    midline = body_midline_x(volume_from_datasets(select_b_value(dwi, target=1000)))
+    assert midline is not None
     for group in lesions:
         point = np.asarray(group.roi.graphic_data, dtype=float).reshape(-1, 3)[0]
         nearest = float(np.min(np.linalg.norm(lesion_voxels - point, axis=1)))
         assert nearest < 3.0, f"{group.tracking_identifier}: its point lies {nearest:.1f} mm from the lesion"
         (site,) = group.finding_sites
         assert site.value.value == CODES["brain"].value
-        # the hemisphere is the side of the point relative to the other lesions' and the brain's midline
-        midline = midline or float(np.mean(lesion_voxels[:, 0]))
-        assert site.laterality.value in (CODES["left"].value, CODES["right"].value)
+        side = "left" if point[0] > midline else "right"  # LPS: +x is the patient's left
+        assert site.laterality.value == CODES[side].value, f"{group.tracking_identifier} at x={point[0]:.1f} mm"
         assert "slices" in group.tracking_identifier
 
 
